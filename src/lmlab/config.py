@@ -1,0 +1,309 @@
+"""The one config schema: load YAML, apply `--set a.b=c` overrides, validate, hash.
+
+Validation is strict because a silently ignored key is a silently wrong
+experiment: an unknown key names the valid ones, a wrong type names the type.
+The hash is over the resolved config, so two runs with the same hash ran the
+same set-up; the *base* hash leaves out `hooks`, so runs that differ only in
+their hooks can be compared.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmlab.errors import LmlabError, did_you_mean
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+DEFAULT_CONFIG = "char-tiny"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 1337
+    out_dir: str = "runs"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"
+    block_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    model_name: str | None = None
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    dropout: float = 0.0
+    bias: bool = False
+    pos_encoding: Literal["learned", "sinusoidal", "rotary"] = "learned"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 2000
+    lr: float = 1.0e-3
+    min_lr: float = 1.0e-4
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    optimizer: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int | None = 40
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class HooksConfig:
+    forward: list[dict] = field(default_factory=list)
+    backward: list[dict] = field(default_factory=list)
+    update: list[dict] = field(default_factory=list)
+    aux_losses: list[dict] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hooks: HooksConfig = field(default_factory=HooksConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+    def base_hash(self) -> str:
+        """Hash of everything but the hooks: runs with equal base hashes are comparable."""
+        d = self.to_dict()
+        d.pop("hooks")
+        return config_hash(d)
+
+
+def config_hash(d: dict[str, Any]) -> str:
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        choices = [str(a) for a in typing.get_args(tp)]
+        raise LmlabError(
+            f"Config value {where} = {value!r} is not valid: it must be {_type_name(tp)}."
+            + did_you_mean(str(value), choices)
+        )
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except LmlabError:
+                pass
+        raise LmlabError(
+            f"Config value {where} = {value!r} has the wrong type: it must be {_type_name(tp)}."
+        )
+    if origin is list:
+        if not isinstance(value, list):
+            raise LmlabError(f"Config value {where} must be a list, not {value!r}.")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if item_tp is Any:
+            return value
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict and isinstance(value, dict):
+        return value
+    if isinstance(tp, type) and isinstance(value, tp) and not (
+        tp is int and isinstance(value, bool)
+    ):
+        return value
+    raise LmlabError(
+        f"Config value {where} = {value!r} has the wrong type: it must be {_type_name(tp)}."
+    )
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise LmlabError(f"Config section '{where or 'top level'}' must be a mapping, not {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise LmlabError(
+                f"Unknown config key '{path}'. Valid keys"
+                f"{' in ' + where if where else ''}: {', '.join(names)}."
+                + did_you_mean(str(key), names)
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    positive = {
+        "data.block_size": cfg.data.block_size,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.max_steps": t.max_steps,
+        "train.log_every": t.log_every,
+    }
+    if m.model_name is None:
+        positive |= {"model.n_layer": m.n_layer, "model.n_head": m.n_head,
+                     "model.d_model": m.d_model, "model.d_ff": m.d_ff}
+    for key, value in positive.items():
+        if value <= 0:
+            raise LmlabError(f"Config value {key} = {value} must be positive.")
+    if m.model_name is None and m.d_model % m.n_head:
+        raise LmlabError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})."
+        )
+    if m.pos_encoding == "rotary" and m.model_name is None and (m.d_model // m.n_head) % 2:
+        raise LmlabError("Rotary positions need an even head size (model.d_model / model.n_head).")
+    if not 0.0 <= m.dropout < 1.0:
+        raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
+    if t.lr <= 0:
+        raise LmlabError(f"train.lr = {t.lr} must be positive.")
+
+
+# --- loading and overrides ------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], value), the value parsed as YAML so `0.5`, `null`, `[1]` work."""
+    if "=" not in text:
+        raise LmlabError(f"--set expects key=value (like train.lr=3e-4), got '{text}'.")
+    key, _, raw = text.partition("=")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):  # YAML reads 3e-4 as a string; numbers are friendlier
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise LmlabError(f"--set {text}: '{k}' is not a section.")
+        node[keys[-1]] = value
+    return raw
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """A file path, or the name of a ready config in configs/ (with or without .yaml)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    ready = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise LmlabError(
+        f"Config '{name_or_path}' not found: it is neither a file nor a ready config. "
+        f"Ready configs: {', '.join(ready)}."
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LmlabError(f"Config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise LmlabError(f"Config file {path} must hold a mapping of sections.")
+    return raw
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(resolve_config_path(name_or_path))
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def diff_configs(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Lines `key: a -> b` for every leaf that differs."""
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}{key}"
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            lines += diff_configs(va, vb, path + ".")
+        elif va != vb:
+            lines.append(f"{path}: {va!r} -> {vb!r}")
+    return lines

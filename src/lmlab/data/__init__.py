@@ -1,0 +1,1 @@
+"""Text in, token arrays out: normalisation, tokenizers, windows and batches."""

@@ -1,0 +1,1 @@
+"""Evaluation (loss, perplexity, bits per char) and sampling."""

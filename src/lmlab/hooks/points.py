@@ -1,0 +1,70 @@
+"""Named intervention points: identity modules that hooks attach to.
+
+As in TransformerLens, every place an experiment may touch is a `HookPoint`
+module whose forward returns its input. With nothing attached, a call costs one
+`nn.Module.__call__` on its fast path; with hooks attached, PyTorch's own
+forward-hook machinery runs them, so adding and removing hooks never edits the
+model's code. A model exposes its points by name via `hook_points()`; the same
+names mean the same activations on every architecture.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from lmlab.errors import LmlabError
+
+
+class HookPoint(nn.Module):
+    """Identity; its forward hooks see and may replace the activation."""
+
+    name: str = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @property
+    def active(self) -> bool:
+        """True when something is attached, e.g. so attention can leave its fused kernel."""
+        return bool(self._forward_hooks)
+
+
+def collect_hook_points(module: nn.Module) -> dict[str, HookPoint]:
+    """All HookPoints below `module`, keyed by their module path, and named in place."""
+    points = {}
+    for name, sub in module.named_modules():
+        if isinstance(sub, HookPoint):
+            sub.name = name
+            points[name] = sub
+    return points
+
+
+def match_points(pattern: str, names: list[str]) -> list[str]:
+    """Point names matching a glob such as `blocks.*.hook_attn_out`.
+
+    A pattern that matches nothing is an error listing the real points, since a
+    typo would otherwise turn an experiment into a silent baseline.
+    """
+    hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not hits:
+        raise LmlabError(
+            f"Hook point pattern '{pattern}' matches no point of this model. "
+            f"Its points are: {', '.join(_summarise(names))}."
+        )
+    return hits
+
+
+def _summarise(names: list[str]) -> list[str]:
+    """Collapse `blocks.{i}.x` over layers so the list of points stays readable."""
+    out, seen = [], set()
+    for n in names:
+        parts = n.split(".")
+        if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
+            n = ".".join(["blocks", "{i}", *parts[2:]])
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out

@@ -1,0 +1,1 @@
+"""Models: the from-scratch Transformer, adapters for imported ones, and the registry."""

@@ -1,0 +1,72 @@
+"""BaseAdapter: the one interface the loop, evaluation, sampling and hooks see.
+
+An adapter wraps one architecture family: it owns the network, its tokenizer,
+its hook points under the shared TransformerLens names, and knows how to
+rebuild itself from the plain dict that `get_config()` returns (which every
+checkpoint stores). A new architecture is one new file in this folder holding a
+subclass; `adapter_class()` finds it by its `architecture_types`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lmlab.data.tokenizer import Tokenizer
+from lmlab.hooks.points import HookPoint, collect_hook_points
+
+
+class BaseAdapter(nn.Module):
+    architecture_types: ClassVar[tuple[str, ...]] = ()
+
+    tokenizer: Tokenizer
+    block_size: int
+    meta: dict[str, Any]  # model_name, model_id, model_source, fine_tuned_from, architecture_type
+
+    def forward(self, idx: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab]; with a cache, continue where it stopped."""
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int) -> Any:
+        """A KV cache with `.pos`, `.capacity`, `.sliding`, `.reset()` (see KVCache)."""
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        """Plain values from which `from_config` rebuilds the same architecture."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], meta: dict[str, Any]) -> BaseAdapter:
+        raise NotImplementedError
+
+    def hook_points(self) -> dict[str, HookPoint]:
+        if not hasattr(self, "_hook_points"):
+            self._hook_points = collect_hook_points(self.network)
+        return self._hook_points
+
+    @property
+    def network(self) -> nn.Module:
+        """The module whose parameters are trained (and whose names hook points use)."""
+        return self.model
+
+    def decay_mask(self, name: str, param: nn.Parameter) -> bool:
+        """Whether weight decay applies: matrices yes; norms, biases and embeddings no."""
+        return param.dim() >= 2 and "emb" not in name and "wte" not in name and "wpe" not in name
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_checkpoint(self, path: str | Path, **state: Any) -> Path:
+        from lmlab.train.checkpoint import save_checkpoint
+
+        return save_checkpoint(path, self, **state)
+
+    @staticmethod
+    def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+        """-> (adapter with the checkpoint's weights, the checkpoint dict)."""
+        from lmlab.train.checkpoint import load_adapter
+
+        return load_adapter(path, device)

@@ -1,0 +1,25 @@
+"""Config -> adapter: the from-scratch Transformer, or a registered pretrained model."""
+
+from __future__ import annotations
+
+from lmlab.config import Config
+from lmlab.model.adapters import adapter_class
+from lmlab.model.adapters.base import BaseAdapter
+from lmlab.model.adapters.custom import CustomTransformerAdapter
+from lmlab.model.transformer import TransformerConfig
+
+
+def build_adapter(cfg: Config, vocab_size: int | None = None) -> BaseAdapter:
+    m = cfg.model
+    if m.model_name is None:
+        tcfg = TransformerConfig(
+            vocab_size=vocab_size or 97, block_size=cfg.data.block_size, n_layer=m.n_layer,
+            n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff, dropout=m.dropout, bias=m.bias,
+            pos_encoding=m.pos_encoding)
+        return CustomTransformerAdapter(tcfg)
+    from lmlab.model import registry
+
+    entry = registry.resolve(m.model_name)
+    adapter = adapter_class(entry["architecture_type"]).from_registry(entry, m)
+    adapter.block_size = cfg.data.block_size
+    return adapter

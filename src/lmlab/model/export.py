@@ -1,0 +1,79 @@
+"""`export`: a fine-tuned checkpoint back out as a plain Hugging Face folder.
+
+The result loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` in any `transformers` install, without
+lmlab, and carries a model card naming the base model and the lineage, so a
+shared fine-tune never loses where it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.model import registry
+
+
+def _lineage_names(meta: dict[str, Any], root: str | Path | None) -> list[str]:
+    """Names from the checkpoint's parent back to the imported base, as far as the registry knows."""
+    parent = meta.get("fine_tuned_from") or meta.get("model_name")
+    if not parent:
+        return []
+    try:
+        return [e["model_name"] for e in registry.lineage(parent, root)]
+    except LmlabError:
+        return [parent]
+
+
+def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | None = None
+               ) -> str:
+    """README.md text: YAML front matter (base_model, license, tags) and a short provenance."""
+    chain = _lineage_names(meta, root)
+    models = registry.load_registry(root) if chain else {}
+    base_entry = models.get(chain[-1], {}) if chain else {}
+    base_id = base_entry.get("model_id") or meta.get("model_id") or "unknown"
+    lic = base_entry.get("license") or "unknown"
+    lines = ["---", f"base_model: {base_id}", f"license: {lic}", "library_name: transformers",
+             "tags:", "- lmlab", "- fine-tuned", "---", "",
+             f"# Fine-tune of {base_id}", "",
+             f"Exported by lmlab from checkpoint `{Path(ckpt.get('path', '?')).name}`"
+             f" (step {ckpt.get('step', '?')}).", "",
+             f"- Base model: `{base_id}` (lmlab registry name `{chain[-1] if chain else '?'}`)",
+             f"- Fine-tuned from (immediate parent): `{chain[0] if chain else '?'}`",
+             f"- Lineage: {' -> '.join(chain) if chain else 'unknown'}",
+             f"- Architecture: {meta.get('architecture_type')}"]
+    cfg = ckpt.get("config") or {}
+    data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    if data.get("path"):
+        lines.append(f"- Fine-tuning data: `{data['path']}` (block size {data.get('block_size')})")
+    return "\n".join(lines) + "\n"
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False,
+                      root: str | Path | None = None) -> Path:
+    """Write the checkpoint's model, tokenizer and a model card to `out`; returns `out`."""
+    from lmlab.model.hf import HFCausalLMAdapter
+    from lmlab.train.checkpoint import load_adapter
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise LmlabError(f"{out} exists and is not empty. Choose a new --out folder, or pass "
+                         "--force to write into it.")
+    adapter, ckpt = load_adapter(checkpoint)
+    if not isinstance(adapter, HFCausalLMAdapter):
+        raise LmlabError(
+            f"{ckpt['path']} holds lmlab's from-scratch Transformer, which has no Hugging "
+            "Face architecture to export to. Export works for fine-tunes of imported models."
+        )
+    name = adapter.meta.get("model_name")
+    if name:
+        folder = registry.models_root(root) / name
+        if folder.is_dir():
+            adapter._tokenizer_folder = folder
+    tok = adapter.tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    adapter.model.save_pretrained(str(out))
+    tok.save(out)
+    (out / "README.md").write_text(model_card(adapter.meta, ckpt, root))
+    return out

@@ -1,0 +1,242 @@
+"""The from-scratch decoder-only Transformer, with named hook points.
+
+Pre-LayerNorm blocks of causal self-attention and MLP, a final LayerNorm and an
+LM head tied to the token embedding, in the manner of nanoGPT. Every place an
+experiment may touch is a `HookPoint` named as TransformerLens names it. The
+fused attention kernel is used unless the scores or the pattern are hooked,
+since only then must they exist as tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmlab.hooks.points import HookPoint
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 97
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_ff: int = 512
+    dropout: float = 0.0
+    bias: bool = False
+    pos_encoding: str = "learned"  # learned | sinusoidal | rotary
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, so a new token costs one position.
+
+    With rotary positions attention depends only on relative offsets, so once the
+    cache is full it becomes a ring buffer: the oldest position is overwritten and
+    each new token still sees the last `capacity` tokens exactly. Absolute
+    positions cannot slide; the sampler then re-reads the recent half window.
+    """
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, capacity: int, head_dim: int,
+                 sliding: bool, device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, n_head, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.capacity, self.sliding = capacity, sliding
+        self.pos = 0  # absolute position of the next token
+
+    @property
+    def length(self) -> int:
+        return min(self.pos, self.capacity)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = k.size(2)
+        if self.pos + T <= self.capacity:
+            self.k[layer][:, :, self.pos:self.pos + T] = k
+            self.v[layer][:, :, self.pos:self.pos + T] = v
+            n = self.pos + T
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        assert self.sliding and T == 1, "an absolute-position cache cannot slide"
+        slot = self.pos % self.capacity
+        self.k[layer][:, :, slot:slot + 1] = k
+        self.v[layer][:, :, slot:slot + 1] = v
+        return self.k[layer], self.v[layer]  # order is irrelevant to a single query
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=positions.device) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    pos = torch.arange(n).float()[:, None]
+    div = torch.exp(torch.arange(0, d, 2).float() * (-math.log(10000.0) / d))
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: d // 2])
+    return table
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B,T,H,hd]
+        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B,H,Tq,Tk]
+        self.hook_z = HookPoint()  # [B,T,H,hd]
+
+    def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,hd]
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        Tk = k.size(2)
+        # queries are the last T of Tk positions; a single new token sees every cached one
+        mask = None
+        if 1 < T < Tk:
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
+        dropout = self.dropout if self.training else 0.0
+        if self.hook_attn_scores.active or self.hook_pattern.active:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            if T > 1:
+                if mask is None:
+                    mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril()
+                scores = scores.masked_fill(~mask, float("-inf"))
+            pattern = self.hook_pattern(F.softmax(self.hook_attn_scores(scores), dim=-1))
+            z = F.dropout(pattern, dropout, self.training) @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=T > 1 and mask is None)
+        z = self.hook_z(z.transpose(1, 2))
+        return self.proj(z.reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.hook_post(F.gelu(self.hook_pre(self.fc(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
+        self.hook_resid_post = HookPoint()
+        self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
+                layer: int) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln_1(x), rotary, cache, layer)))
+        x = self.hook_resid_mid(x + attn_out)
+        mlp_out = self.hook_mlp_out(self.drop(self.mlp(self.ln_2(x))))
+        return self.hook_resid_post(x + mlp_out)
+
+
+class FinalNorm(nn.LayerNorm):
+    """LayerNorm with the `ln_final.hook_normalized` point on its output."""
+
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__(d, bias=bias)
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(super().forward(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_encoding == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("sinusoid", sinusoidal_table(cfg.block_size, cfg.d_model),
+                                 persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_final = FinalNorm(cfg.d_model, cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.hook_embed, self.hook_pos_embed, self.hook_logits = HookPoint(), HookPoint(), HookPoint()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab]; with a cache, T continues from cache.pos."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.hook_embed(self.wte(idx))
+        rotary = None
+        if self.cfg.pos_encoding == "rotary":
+            rotary = rotary_tables(positions, self.cfg.d_model // self.cfg.n_head)
+        else:
+            if start + T > self.cfg.block_size:
+                raise ValueError(f"{start + T} positions exceed block_size {self.cfg.block_size}")
+            table = self.wpe.weight if self.cfg.pos_encoding == "learned" else self.sinusoid
+            x = x + self.hook_pos_embed(table[start:start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rotary, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.hook_logits(self.lm_head(self.ln_final(x)))
+
+    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.d_model // c.n_head,
+                       sliding=c.pos_encoding == "rotary", device=device, dtype=dtype)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.cfg.pos_encoding == "learned":
+            n -= self.wpe.weight.numel()
+        return n

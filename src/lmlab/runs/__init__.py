@@ -1,0 +1,1 @@
+"""Runs: ids, manifests, metrics logs, listing and comparison."""

@@ -1,0 +1,91 @@
+"""Run folders and manifests: what ran, exactly, so comparisons cannot silently lie.
+
+The manifest records the resolved config and its hash, the base hash (config
+without hooks), the data hash, every hook in force with plugin source hashes,
+the code version, library versions, seed, device and dtype. Two runs are
+comparable when their base and data hashes match.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.train.checkpoint import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def new_run_id(name: str, config_hash: str) -> str:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{name}-{config_hash[:6]}"
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit of lmlab's own tree and whether it had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q", "HEAD"],
+                              capture_output=True, text=True, timeout=5)
+        commit = head.stdout.strip() if head.returncode == 0 else ""
+        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--",
+                                     "src", "configs"], capture_output=True, text=True,
+                                    timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    from lmlab import __version__
+
+    return {"lmlab": __version__, "git_commit": commit or None, "git_dirty": dirty}
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "numpy": numpy.__version__}
+    for name in ("transformers", "safetensors"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def write_json(path: Path, obj: Any) -> None:
+    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per line, appended and flushed as it happens."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            pass
+    return out

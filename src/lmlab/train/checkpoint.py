@@ -1,0 +1,133 @@
+"""Checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint holds only tensors and plain values, so it loads with
+`torch.load(weights_only=True)`: opening one never runs code. It is written to
+a temporary file, fsynced and renamed into place, so a crash or Ctrl-C during
+the write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError
+
+FORMAT = "lmlab-checkpoint"
+VERSION = 1
+PREFIX, SUFFIX = "ckpt_", ".pt"
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
+    """Write weights, model config and metadata, plus whatever loop state is given."""
+    path = Path(path)
+    ckpt = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": adapter.get_config(),
+        "model_meta": dict(adapter.meta),
+        "model": adapter.network.state_dict(),
+        **state,
+    }
+    atomic_write_bytes(path, lambda f: torch.save(ckpt, f))
+    return path
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{PREFIX}{step:07d}{SUFFIX}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint files in a folder, oldest step first."""
+    return sorted(folder.glob(f"{PREFIX}*{SUFFIX}"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, a checkpoints folder, or a run folder -> its newest checkpoint."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise LmlabError(f"Checkpoint '{p}' does not exist. Give a checkpoint file or run folder.")
+    for folder in (p, p / "checkpoints"):
+        found = list_checkpoints(folder) if folder.is_dir() else []
+        if found:
+            return found[-1]
+    raise LmlabError(
+        f"'{p}' holds no checkpoint ({PREFIX}*{SUFFIX}). Has the run saved one yet? "
+        "Checkpoints are written every train.checkpoint_every steps and at the end."
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; a truncated, corrupt or foreign file is refused."""
+    p = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise LmlabError(
+            f"'{p}' is not a readable checkpoint: it is truncated, corrupt or not a PyTorch "
+            f"file ({reason}). Use an earlier checkpoint of the run."
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise LmlabError(
+            f"'{p}' is a PyTorch file but not an lmlab checkpoint (no '{FORMAT}' marker); "
+            "it was written by another program. To use Hugging Face weights, run "
+            "`lmlab import-model`."
+        )
+    if ckpt.get("version", 0) > VERSION:
+        raise LmlabError(
+            f"'{p}' is checkpoint format version {ckpt['version']}, newer than this lmlab "
+            f"reads ({VERSION}). Upgrade lmlab."
+        )
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict]:
+    """Rebuild the adapter a checkpoint was made with, from the checkpoint alone."""
+    from lmlab.model.adapters import adapter_class
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt["model_meta"]
+    adapter = adapter_class(meta["architecture_type"]).from_config(ckpt["model_config"], meta)
+    try:
+        adapter.network.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise LmlabError(
+            f"The weights in '{ckpt['path']}' do not fit the architecture it records: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
+    return adapter.to(device), ckpt
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (the newest is never deleted)."""
+    for old in list_checkpoints(folder)[: -max(keep, 1)]:
+        old.unlink(missing_ok=True)

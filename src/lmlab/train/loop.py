@@ -1,0 +1,332 @@
+"""The training loop: forward -> loss (+ aux losses) -> backward -> update -> log/eval/save.
+
+It sees models only through BaseAdapter and experiments only through
+ExperimentHooks, so neither a new architecture nor a new learning rule edits it.
+Resuming restores weights, optimizer, step, every RNG and the sampler position,
+so N steps straight and N/2 + resume + N/2 give the same losses step for step.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from lmlab.config import Config, diff_configs, dump_yaml, from_dict
+from lmlab.data.batcher import RandomBatcher
+from lmlab.data.dataset import load_prepared
+from lmlab.errors import LmlabError
+from lmlab.eval.metrics import cross_entropy, evaluate
+from lmlab.eval.sampling import generate
+from lmlab.hooks.manager import ExperimentHooks
+from lmlab.model.build import build_adapter
+from lmlab.runs import manifest as mf
+from lmlab.train import distributed
+from lmlab.train.checkpoint import checkpoint_path, load_adapter, load_checkpoint, prune_checkpoints
+from lmlab.train.device import autocast, resolve_device, resolve_dtype
+from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
+
+
+class NonFiniteLoss(LmlabError):
+    pass
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _check_resume(ckpt: dict, cfg: Config, plugins: dict[str, str], allow: bool) -> list[str]:
+    """Differences between the checkpoint's set-up and this one; refused unless allowed."""
+    changes = diff_configs(ckpt["config"], cfg.to_dict())
+    old_plugins = ckpt.get("plugins", {})
+    for path in sorted(set(old_plugins) | set(plugins)):
+        if old_plugins.get(path) != plugins.get(path):
+            changes.append(f"plugin {path}: sha256 {old_plugins.get(path, '<absent>')} -> "
+                           f"{plugins.get(path, '<absent>')}")
+    if changes and not allow:
+        raise LmlabError(
+            "Refusing to resume: this set-up differs from the checkpoint's, so the run would "
+            "silently mix two experiments:\n  " + "\n  ".join(changes) +
+            "\nResume with the checkpoint's own config (no --config/--set), start a new run, "
+            "or pass --allow-config-change to record the change in the manifest."
+        )
+    return changes
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None,
+                 allow_config_change: bool = False, progress: bool = True) -> None:
+        self.cfg, t = cfg, cfg.train
+        self.dist = distributed.setup(t.device)
+        self.device = self.dist.device or resolve_device(t.device)
+        self.dtype = resolve_dtype(t.dtype, self.device)
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(cfg.run.seed)
+        self.data = load_prepared(cfg.data.path)
+        ckpt = load_checkpoint(resume) if resume else None
+        if ckpt is not None:
+            self.adapter, _ = load_adapter(ckpt["path"])
+            self.adapter.block_size = cfg.data.block_size
+        else:
+            self.adapter = build_adapter(cfg, self.data.meta["vocab_size"])
+        self._check_data_fits()
+        self.adapter.to(self.device)
+        if cfg.model.dtype != "float32":
+            self.adapter.to(getattr(torch, cfg.model.dtype))
+        self.hooks = ExperimentHooks(cfg.hooks, self.adapter)
+        self.model = self.dist.wrap(self.adapter)
+        if t.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(self.adapter, t, self.device)
+        self.lr_mult = lr_multiplier(t)
+        self.batcher = RandomBatcher(self.data.train, cfg.data.block_size, t.batch_size,
+                                     self.device, cfg.run.seed, self.dist.rank)
+        self.step, self.best_val = 0, math.inf
+        self.progress = progress and self.dist.is_main
+        self.changes: list[str] = []
+        if ckpt is not None:
+            self.changes = _check_resume(ckpt, cfg, self.hooks.plugins, allow_config_change)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.batcher.load_state_dict(ckpt["sampler"][min(self.dist.rank,
+                                                             len(ckpt["sampler"]) - 1)])
+            _set_rng_state(ckpt["rng"], self.device)
+            self.step, self.best_val = ckpt["step"], ckpt.get("best_val", math.inf)
+            self.run_id, self.run_dir = ckpt["run_id"], Path(ckpt["path"]).parents[1]
+        else:
+            self.run_id = mf.new_run_id(cfg.run.name, cfg.hash())
+            self.run_dir = Path(cfg.run.out_dir) / self.run_id
+        self.run_id = self.dist.broadcast_str(self.run_id)
+        self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
+        self.interrupted = False
+
+    def _check_data_fits(self) -> None:
+        spec = self.adapter.tokenizer.spec()
+        if self.data.meta["tokenizer"] != spec:
+            raise LmlabError(
+                f"The data in {self.cfg.data.path} was tokenized with "
+                f"{self.data.meta['tokenizer'].get('kind')} tokenizer "
+                f"{self.data.meta['tokenizer'].get('model_name') or ''} but the model uses "
+                f"{spec.get('kind')} {spec.get('model_name') or ''}. Prepare the data for this "
+                "model: `lmlab prepare --out DIR` (character model) or "
+                "`lmlab prepare --tokenizer MODEL_NAME --out DIR` (imported model)."
+            )
+        for split in ("train", "val"):
+            n = len(getattr(self.data, split))
+            if n < self.cfg.data.block_size + 1:
+                raise LmlabError(
+                    f"The {split} split of {self.cfg.data.path} has {n} tokens, fewer than one "
+                    f"window of data.block_size={self.cfg.data.block_size} needs. Use more text or "
+                    "a smaller data.block_size."
+                )
+
+    # --- bookkeeping -----------------------------------------------------------------
+
+    def _manifest(self, status: str, extra: dict[str, Any] | None = None) -> None:
+        if not self.dist.is_main:
+            return
+        path = self.run_dir / "manifest.json"
+        m = mf.read_manifest(self.run_dir) if path.exists() else {}
+        cfg = self.cfg
+        m.update({
+            "run_id": self.run_id, "status": status,
+            "updated_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "config": cfg.to_dict(), "config_hash": cfg.hash(), "base_hash": cfg.base_hash(),
+            "data_hash": self.data.meta.get("data_hash"), "data_path": cfg.data.path,
+            "hooks": self.hooks.describe(), "plugins": self.hooks.plugins,
+            "model": {**self.adapter.meta, "params": self.adapter.num_params()},
+            "code": mf.code_version(), "libraries": mf.library_versions(),
+            "seed": cfg.run.seed, "device": str(self.device), "dtype": self.dtype,
+            "world_size": self.dist.world_size,
+        })
+        m.setdefault("created_at", m["updated_at"])
+        m.update(extra or {})
+        mf.write_json(path, m)
+
+    def save(self) -> Path:
+        path = checkpoint_path(self.run_dir, self.step)
+        samplers = self.dist.gather_objects(self.batcher.state_dict())
+        if self.dist.is_main:
+            self.adapter.save_checkpoint(
+                path, optimizer=self.optimizer.state_dict(), step=self.step,
+                rng=_rng_state(self.device), sampler=samplers, config=self.cfg.to_dict(),
+                run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
+                saved_at=dt.datetime.now().isoformat(timespec="seconds"))
+            prune_checkpoints(path.parent, self.cfg.train.keep_checkpoints)
+        self.dist.barrier()
+        return path
+
+    def evaluate(self) -> dict[str, float]:
+        meta = self.data.meta
+        cpt = meta.get("val_chars", len(self.data.val)) / max(1, meta.get("val_tokens", 1))
+        result = evaluate(self.adapter, self.data.val, self.cfg.data.block_size,
+                          self.cfg.train.batch_size, self.device, self.dtype,
+                          self.cfg.train.eval_batches and
+                          self.cfg.train.eval_batches * self.cfg.train.batch_size, cpt)
+        self.best_val = min(self.best_val, result["val_loss"])
+        return result
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop records past the checkpoint, so the log is one consistent curve."""
+        path = self.metrics.path
+        if not self.dist.is_main or not path.exists():
+            return
+        kept = [r for r in mf.read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
+        path.write_text("".join(mf.json.dumps(r) + "\n" for r in kept))
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> Path:
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            self._truncate_metrics()
+        resumed = self.step > 0
+        extra = {}
+        if resumed and self.dist.is_main:
+            m = mf.read_manifest(self.run_dir)
+            extra["resumes"] = m.get("resumes", []) + [{
+                "at_step": self.step, "config_changes": self.changes,
+                "time": dt.datetime.now().isoformat(timespec="seconds")}]
+        self._manifest("running", extra)
+        tokens_per_step = t.batch_size * t.grad_accum * cfg.data.block_size * self.dist.world_size
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.hooks.attach()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress,
+                   dynamic_ncols=True, unit="step")
+        status, t0, started = "finished", time.perf_counter(), self.step
+        # tokens/s counts time in training steps only, not evaluation or checkpointing
+        step_time, window_time, step_window = 0.0, 0.0, self.step
+        last_loss = math.nan
+        try:
+            self.model.train()
+            while self.step < t.max_steps and not self.interrupted:
+                lr = t.lr * self.lr_mult(self.step)
+                set_lr(self.optimizer, lr)
+                t_step = time.perf_counter()
+                loss, aux = self._train_step()
+                elapsed = time.perf_counter() - t_step
+                step_time, window_time = step_time + elapsed, window_time + elapsed
+                self.step += 1
+                last_loss = loss
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    tps = tokens_per_step * (self.step - step_window) / max(window_time, 1e-9)
+                    window_time, step_window = 0.0, self.step
+                    self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr,
+                                       tokens_per_s=round(tps),
+                                       time=round(time.perf_counter() - t0, 3))
+                    for name, value in aux.items():
+                        self.metrics.write(kind="aux", step=self.step, name=name, value=value)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    self._eval_and_log(time.perf_counter() - t0)
+                if t.sample_every and self.step % t.sample_every == 0 and self.dist.is_main:
+                    self._write_sample()
+                if self.step % t.checkpoint_every == 0 and self.step != t.max_steps:
+                    self.save()
+            if self.interrupted:
+                status = "interrupted"
+            self.save()
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            bar.close()
+            self.hooks.detach()
+            signal.signal(signal.SIGINT, previous)
+            wall = time.perf_counter() - t0
+            steps_done = self.step - started
+            self._manifest(status, {"final": {
+                "step": self.step, "train_loss": last_loss, "best_val_loss": self.best_val,
+                "last_val_loss": getattr(self, "last_val", None),
+                "tokens_per_s": round(tokens_per_step * steps_done / step_time)
+                if steps_done else None,
+                "wall_s": round(wall, 2)}})
+            self.dist.cleanup()
+        return self.run_dir
+
+    def _train_step(self) -> tuple[float, dict[str, float]]:
+        t = self.cfg.train
+        total_loss, aux_totals = 0.0, {}
+        for micro in range(t.grad_accum):
+            x, y = self.batcher.next()
+            with self.dist.no_sync(self.model, last=micro == t.grad_accum - 1):
+                with autocast(self.device, self.dtype):
+                    logits = self.model(x)
+                loss = cross_entropy(logits, y)
+                aux = self.hooks.aux_losses()
+                total = loss + sum(aux.values()) if aux else loss
+                value = loss.item()
+                if not math.isfinite(value) or not math.isfinite(total.item()):
+                    raise NonFiniteLoss(
+                        f"The loss became {value} at step {self.step + 1}; stopping before the "
+                        "update so no weights are damaged. The last good checkpoint in "
+                        f"{self.run_dir / 'checkpoints'} is intact. Lower train.lr, enable "
+                        "train.grad_clip or check the hooks in force."
+                    )
+                (total / t.grad_accum).backward()
+            total_loss += value / t.grad_accum
+            for name, v in aux.items():
+                aux_totals[name] = aux_totals.get(name, 0.0) + v.item() / t.grad_accum
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), t.grad_clip)
+        self.hooks.transform_grads(self.step, self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss, aux_totals
+
+    def _eval_and_log(self, elapsed: float) -> None:
+        if self.dist.is_main:
+            result = self.evaluate()
+            self.last_val = result["val_loss"]
+            self.metrics.write(kind="eval", step=self.step, time=round(elapsed, 3), **result)
+            tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f}, "
+                       f"bpc {result['val_bpc']:.3f}") if self.progress else None
+        self.dist.barrier()
+
+    def _write_sample(self) -> None:
+        tok = self.adapter.tokenizer
+        text = tok.decode(generate(self.adapter, tok.encode("\n"), 200, temperature=0.8,
+                                   top_k=40, seed=self.cfg.run.seed))
+        with open(self.run_dir / "samples.txt", "a") as f:
+            f.write(f"--- step {self.step}\n{text}\n")
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.interrupted:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.interrupted = True
+        if self.progress:
+            tqdm.write("Interrupted: finishing this step and saving a checkpoint "
+                       "(Ctrl-C again to abort without saving).")
+
+
+def train(cfg: Config, resume: str | None = None, allow_config_change: bool = False,
+          progress: bool = True) -> Path:
+    return Trainer(cfg, resume, allow_config_change, progress).run()
+
+
+def config_for_resume(resume: str, base: dict[str, Any] | None, overrides: list[str]) -> Config:
+    """The config a resume runs with: the checkpoint's own, unless a config file is given."""
+    from lmlab.config import apply_overrides
+
+    ckpt = load_checkpoint(resume)
+    raw = base if base is not None else ckpt["config"]
+    return from_dict(apply_overrides(raw, overrides))
+

@@ -1,0 +1,125 @@
+"""Optimizers by name, and the learning-rate schedule.
+
+Weight decay applies to matrices only: norms, biases and embeddings are left
+alone (the adapter's `decay_mask` decides). Optimizers are chosen by name from
+config so an experiment can swap the update rule without touching the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lmlab.config import TrainConfig
+from lmlab.errors import LmlabError
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion (Chen et al., 2023): the sign of an interpolated momentum, with decoupled decay."""
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                update = m.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+class Combined(torch.optim.Optimizer):
+    """Several optimizers stepped as one (Muon for matrices, AdamW for the rest)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+        self.param_groups = [g for o in optimizers for g in o.param_groups]
+        self.defaults = {}
+        self.state = {}
+
+    def step(self, closure: Callable | None = None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+
+
+def param_groups(adapter: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay, seen = [], [], set()
+    for name, p in adapter.network.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        (decay if adapter.decay_mask(name, p) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(adapter: nn.Module, t: TrainConfig, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    groups = param_groups(adapter, t.weight_decay)
+    betas = (t.beta1, t.beta2)
+    if t.optimizer == "adamw":
+        # the fused kernel exists on CPU and CUDA and is the fastest path on both
+        return torch.optim.AdamW(groups, lr=t.lr, betas=betas, fused=device.type in ("cpu", "cuda"))
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    if t.optimizer == "lion":
+        return Lion(groups, lr=t.lr, betas=betas)
+    if t.optimizer == "muon":
+        # Muon orthogonalises 2-D updates; embeddings and the tied head stay on AdamW
+        matrices = [p for p in groups[0]["params"] if p.dim() == 2]
+        rest = [p for p in groups[0]["params"] if p.dim() != 2]
+        adam = torch.optim.AdamW([{"params": rest, "weight_decay": t.weight_decay},
+                                  groups[1]], lr=t.lr, betas=betas)
+        muon = torch.optim.Muon(matrices, lr=t.lr, weight_decay=t.weight_decay,
+                                momentum=t.momentum, adjust_lr_fn="match_rms_adamw")
+        return Combined([muon, adam])
+    raise LmlabError(f"Unknown optimizer '{t.optimizer}'. Choices: adamw, sgd, lion, muon.")
+
+
+def lr_multiplier(t: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine or linear decay to min_lr (as a multiplier of lr)."""
+    floor = t.min_lr / t.lr
+
+    def fn(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if t.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule is a pure function of the step, so resuming needs no scheduler state."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
