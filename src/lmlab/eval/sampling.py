@@ -1,8 +1,10 @@
 """Text generation: greedy, temperature, top-k and top-p, seedable, with a KV cache.
 
-With the cache each new token costs one position. When the cache is full, a
-rotary model slides it (exact: attention sees relative offsets only); a model
-with absolute positions re-reads the most recent half window and goes on.
+With the cache each new token costs one position. When the cache holds a full
+window, generation re-reads the most recent half window into a fresh cache and
+goes on, so every forward pass is a window that starts at position 0, as in
+training (sliding the cache instead would feed later layers keys computed from
+context that has left the window).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def generate(adapter: torch.nn.Module, prompt: list[int], max_new_tokens: int,
             tokens.append(int(nxt))
             if i == max_new_tokens - 1:
                 break
-            if cache.pos >= cache.capacity and not cache.sliding:
+            if cache.pos >= cache.capacity:
                 cache.reset()
                 logits = adapter(as_tensor(tokens[-(block // 2):]), cache=cache)
             else:

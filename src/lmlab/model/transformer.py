@@ -38,39 +38,29 @@ class TransformerConfig:
 class KVCache:
     """Keys and values of the positions seen so far, so a new token costs one position.
 
-    With rotary positions attention depends only on relative offsets, so once the
-    cache is full it becomes a ring buffer: the oldest position is overwritten and
-    each new token still sees the last `capacity` tokens exactly. Absolute
-    positions cannot slide; the sampler then re-reads the recent half window.
+    It holds at most one window (`capacity` = block_size). When it is full the
+    sampler starts a fresh one from the recent half window: every forward pass
+    is then a window the model was trained on, starting at position 0.
     """
 
     def __init__(self, n_layer: int, batch: int, n_head: int, capacity: int, head_dim: int,
-                 sliding: bool, device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype) -> None:
         shape = (batch, n_head, capacity, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.capacity, self.sliding = capacity, sliding
-        self.pos = 0  # absolute position of the next token
-
-    @property
-    def length(self) -> int:
-        return min(self.pos, self.capacity)
+        self.capacity = capacity
+        self.pos = 0  # position of the next token
 
     def reset(self) -> None:
         self.pos = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        T = k.size(2)
-        if self.pos + T <= self.capacity:
-            self.k[layer][:, :, self.pos:self.pos + T] = k
-            self.v[layer][:, :, self.pos:self.pos + T] = v
-            n = self.pos + T
-            return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
-        assert self.sliding and T == 1, "an absolute-position cache cannot slide"
-        slot = self.pos % self.capacity
-        self.k[layer][:, :, slot:slot + 1] = k
-        self.v[layer][:, :, slot:slot + 1] = v
-        return self.k[layer], self.v[layer]  # order is irrelevant to a single query
+        end = self.pos + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions exceed {self.capacity}")
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +223,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = self.cfg
         return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.d_model // c.n_head,
-                       sliding=c.pos_encoding == "rotary", device=device, dtype=dtype)
+                       device=device, dtype=dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -31,7 +31,7 @@ class BaseAdapter(nn.Module):
         raise NotImplementedError
 
     def new_cache(self, batch_size: int) -> Any:
-        """A KV cache with `.pos`, `.capacity`, `.sliding`, `.reset()` (see KVCache)."""
+        """A KV cache with `.pos`, `.capacity` and `.reset()` (see KVCache)."""
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from lmlab.config import (CONFIG_DIR, apply_overrides, diff_configs, from_dict, load_config,
+                          parse_override)
+from lmlab.errors import LmlabError
+
+
+def test_every_ready_config_validates():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert "char-tiny" in names
+    for name in names:
+        assert load_config(name).to_dict()["data"]["block_size"] > 0
+
+
+def test_unknown_key_names_key_and_valid_choices():
+    with pytest.raises(LmlabError) as e:
+        from_dict({"train": {"lerning_rate": 1e-3}})
+    msg = str(e.value)
+    assert "train.lerning_rate" in msg and "max_steps" in msg and "lr" in msg
+
+
+def test_unknown_section_lists_sections():
+    with pytest.raises(LmlabError, match="Valid keys: run, data, model, train, hooks"):
+        from_dict({"trian": {}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(LmlabError, match=r"train.batch_size = 'big'.*must be int"):
+        from_dict({"train": {"batch_size": "big"}})
+    with pytest.raises(LmlabError, match="must be int"):
+        from_dict({"train": {"batch_size": True}})  # a bool is not a count
+
+
+def test_choice_lists_choices():
+    with pytest.raises(LmlabError) as e:
+        from_dict({"train": {"optimizer": "adam"}})
+    assert "'adamw'" in str(e.value) and "'lion'" in str(e.value)
+
+
+def test_int_accepted_for_float_and_values_checked():
+    assert from_dict({"train": {"lr": 1}}).train.lr == 1.0
+    with pytest.raises(LmlabError, match="divisible"):
+        from_dict({"model": {"d_model": 30, "n_head": 4}})
+    with pytest.raises(LmlabError, match="positive"):
+        from_dict({"train": {"max_steps": 0}})
+
+
+def test_overrides_parse_yaml_values():
+    assert parse_override("train.lr=3e-4") == (["train", "lr"], 3e-4)
+    assert parse_override("model.model_name=null") == (["model", "model_name"], None)
+    raw = apply_overrides({"train": {"lr": 1.0}}, ["train.lr=0.5", "run.seed=3"])
+    assert raw == {"train": {"lr": 0.5}, "run": {"seed": 3}}
+    with pytest.raises(LmlabError, match="key=value"):
+        parse_override("train.lr")
+
+
+def test_hash_is_stable_and_base_hash_ignores_hooks():
+    a = from_dict({})
+    b = from_dict({"hooks": {"forward": [{"name": "scale", "at": "hook_embed", "factor": 0.5}]}})
+    c = from_dict({"train": {"lr": 0.5}})
+    assert a.hash() == from_dict({}).hash()
+    assert a.hash() != b.hash() and a.base_hash() == b.base_hash()
+    assert a.base_hash() != c.base_hash()
+
+
+def test_diff_configs_lists_changed_leaves():
+    lines = diff_configs(from_dict({}).to_dict(), from_dict({"train": {"lr": 0.5}}).to_dict())
+    assert lines == ["train.lr: 0.001 -> 0.5"]
+
+
+def test_missing_config_lists_ready_ones(tmp_path: Path):
+    with pytest.raises(LmlabError, match="char-tiny"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(LmlabError, match="not valid YAML"):
+        load_config(str(bad))
