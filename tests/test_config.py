@@ -77,3 +77,11 @@ def test_missing_config_lists_ready_ones(tmp_path: Path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(LmlabError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_base_hash_ignores_bookkeeping_but_not_the_setup():
+    a = from_dict({"run": {"name": "baseline"}})
+    b = from_dict({"run": {"name": "experiment", "out_dir": "elsewhere"},
+                   "train": {"eval_every": 7, "log_every": 3}})
+    assert a.base_hash() == b.base_hash() and a.hash() != b.hash()
+    assert a.base_hash() != from_dict({"run": {"seed": 2}}).base_hash()

@@ -11,6 +11,9 @@ import json
 import sys
 
 from lmlab.errors import LmlabError
+from lmlab.hooks.cli import add_commands as add_hooks_commands
+from lmlab.model.cli import add_commands as add_model_commands
+from lmlab.runs.compare import add_compare
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -28,16 +31,25 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab.config import load_config, read_yaml, resolve_config_path
-    from lmlab.train.loop import config_for_resume, train
+    from lmlab.runs import manifest as mf
+    from lmlab.train.loop import Trainer, config_for_resume
 
     if args.resume:
         base = read_yaml(resolve_config_path(args.config)) if args.config else None
         cfg = config_for_resume(args.resume, base, args.set)
     else:
         cfg = load_config(args.config, args.set)
-    run_dir = train(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
-                    progress=not args.quiet)
-    print(f"Run {run_dir.name} finished: {run_dir}")
+    trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+                      progress=not args.quiet)
+    if trainer.dist.is_main:
+        verb = f"Resuming run {trainer.run_id} at step {trainer.step}" if args.resume else \
+            f"Run {trainer.run_id}"
+        print(f"{verb}: {trainer.run_dir} ({trainer.adapter.num_params():,} parameters, "
+              f"{trainer.device}, {trainer.dtype})", flush=True)
+    run_dir = trainer.run()
+    if trainer.dist.is_main:
+        status = mf.read_manifest(run_dir)["status"]
+        print(f"Run {run_dir.name} {status}: {run_dir}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -172,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = rs.add_parser("show", help="one run's manifest summary")
     r.add_argument("run", help="run folder or run id")
     s.set_defaults(func=cmd_runs)
+    add_compare(rs)
+    add_hooks_commands(sub)
+    add_model_commands(sub)
     return p
 
 

@@ -104,10 +104,22 @@ class Config:
         return config_hash(self.to_dict())
 
     def base_hash(self) -> str:
-        """Hash of everything but the hooks: runs with equal base hashes are comparable."""
+        """Hash of the set-up without hooks: runs with equal base hashes are comparable.
+
+        Book-keeping that cannot change what is learned (names, folders, how
+        often to log, evaluate or save) is left out too, so a baseline and an
+        experiment named differently still compare.
+        """
         d = self.to_dict()
         d.pop("hooks")
+        for section, key in BOOKKEEPING:
+            d[section].pop(key)
         return config_hash(d)
+
+
+BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
+               ("train", "eval_every"), ("train", "checkpoint_every"),
+               ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads")]
 
 
 def config_hash(d: dict[str, Any]) -> str:

@@ -1,16 +1,19 @@
 """ExperimentHooks: the config's `hooks` section, resolved against one model.
 
-Everything is checked when it is built (hook names, parameters, point
-patterns), before any training step runs. `attach()` registers PyTorch forward
-hooks on the matched HookPoints and `detach()` removes exactly those handles, so
-a model with its hooks removed computes bit-identical outputs again. The loop
-calls `aux_losses()` after the forward pass and `transform_grads()` between
+Everything is checked when it is built (hook names, parameters and their
+types, point patterns, where a hook may act), before any training step runs.
+`attach()` registers PyTorch forward hooks on the matched HookPoints (or lets a
+hook object attach itself, see the registry) and `detach()` removes exactly
+those handles, so a model with its hooks removed computes bit-identical outputs
+again and hooks someone else attached are left alone. The loop calls
+`aux_losses()` after the forward pass and `transform_grads()` between
 `backward()` and `optimizer.step()`; it knows nothing else about hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,52 +38,88 @@ def _split_entry(kind: str, entry: dict, with_at: bool | None
         raise LmlabError(f"hooks.{kind} entry '{name}' needs 'at': a hook point name or glob.")
     if with_at is False and at is not None:
         raise LmlabError(f"hooks.{kind} entry '{name}' takes no 'at': it acts on parameters.")
+    if not isinstance(weight, int | float) or isinstance(weight, bool):
+        raise LmlabError(f"hooks.aux_losses entry '{name}': weight must be a number.")
     return name, at, float(weight), params
 
 
 class ExperimentHooks:
+    """The hooks of one config on one adapter; attach/detach, or use as a context manager."""
+
     def __init__(self, cfg: HooksConfig, adapter: torch.nn.Module) -> None:
         self.cfg, self.adapter = cfg, adapter
         self.plugins = {path: load_plugin(path) for path in cfg.plugins}  # path -> sha256
-        points = adapter.hook_points()
-        names = list(points)
-        # (point name, callable) for forward and backward hooks, in config order
+        names = list(adapter.hook_points())
+        # (point name, hook) for forward and backward hooks, in config order
         self.point_fns: list[tuple[str, Callable]] = []
         for kind in ("forward", "backward"):
             for entry in getattr(cfg, kind):
                 name, at, _, params = _split_entry(kind, entry, with_at=True)
                 spec = registry.get(kind, name)
+                fn = spec.bind(params)
                 for point in match_points(at, names):
-                    self.point_fns.append((point, spec.bind(params)))
+                    spec.check_point(point)
+                    self.point_fns.append((point, fn))
         self.update_fns = []
         for entry in cfg.update:
             name, _, _, params = _split_entry("update", entry, with_at=False)
             self.update_fns.append(registry.get("update", name).bind(params))
-        # (label, weight, callable, matched points)
+        # (label, weight, callable, matched points); a weight of 0 is inert: never computed
         self.aux: list[tuple[str, float, Callable, list[str]]] = []
         for entry in cfg.aux_losses:
             name, at, weight, params = _split_entry("aux_losses", entry, with_at=None)
+            spec = registry.get("aux_losses", name)
+            at = at or spec.points
             matched = match_points(at, names) if at else []
-            self.aux.append((name, weight, registry.get("aux_losses", name).bind(params), matched))
+            for point in matched:
+                spec.check_point(point)
+            label = name if name not in {a[0] for a in self.aux} else f"{name}_{len(self.aux)}"
+            self.aux.append((label, weight, spec.bind(params), matched))
+        self.run_dir: Path | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self._objects: list[Any] = []
 
     @property
     def empty(self) -> bool:
         return not (self.point_fns or self.update_fns or self.aux)
 
-    def attach(self) -> ExperimentHooks:
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, run_dir: str | Path | None = None) -> ExperimentHooks:
+        """Register every hook; `run_dir` is where hooks that write (record) put their files."""
+        if self._handles:
+            raise LmlabError("These hooks are already attached; detach them first.")
+        if run_dir is not None:
+            self.run_dir = Path(run_dir)
         points = self.adapter.hook_points()
-        for point, fn in self.point_fns:
-            self._handles.append(points[point].register_forward_hook(_wrap(point, fn)))
-        for point in sorted({p for *_, matched in self.aux for p in matched}):
-            self._handles.append(points[point].register_forward_hook(self._recorder(point)))
+        try:
+            for point, fn in self.point_fns:
+                if hasattr(fn, "attach"):
+                    self._handles += fn.attach(self.adapter, point, self.run_dir)
+                    if fn not in self._objects:
+                        self._objects.append(fn)
+                else:
+                    self._handles.append(points[point].register_forward_hook(_wrap(point, fn)))
+            recorded = {p for _, weight, _, matched in self.aux if weight for p in matched}
+            for point in sorted(recorded):
+                self._handles.append(points[point].register_forward_hook(self._recorder(point)))
+        except BaseException:
+            self.detach()
+            raise
         return self
 
     def detach(self) -> None:
+        """Remove exactly the handles `attach` made (other hooks on the model stay)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for obj in self._objects:
+            if hasattr(obj, "close"):
+                obj.close()
+        self._objects.clear()
         self._acts.clear()
 
     def __enter__(self) -> ExperimentHooks:
@@ -99,12 +138,19 @@ class ExperimentHooks:
         """Each aux loss of this forward pass, already multiplied by its weight."""
         out = {}
         for label, weight, fn, matched in self.aux:
-            acts = {p: self._acts[p] for p in matched}
+            if not weight:
+                out[label] = torch.zeros(())
+                continue
+            acts = {p: self._acts[p] for p in matched if p in self._acts}
+            if matched and not acts:
+                raise LmlabError(f"Aux loss '{label}': none of its points ran in this forward "
+                                 f"pass ({', '.join(matched[:4])}...).")
             out[label] = weight * fn(acts, self.adapter)
         self._acts.clear()
         return out
 
     def transform_grads(self, step: int, lr: float) -> None:
+        """Apply the update hooks, in config order, to every parameter that has a gradient."""
         if not self.update_fns:
             return
         named = [(n, p) for n, p in self.adapter.network.named_parameters() if p.grad is not None]
@@ -117,7 +163,11 @@ class ExperimentHooks:
         for kind in registry.KINDS:
             for entry in getattr(self.cfg, kind):
                 spec = registry.get(kind, entry["name"])
-                out.append({"kind": kind, **entry, "source": spec.source})
+                item = {"kind": kind, **entry, "source": spec.source}
+                for path, digest in self.plugins.items():
+                    if Path(path).resolve() == Path(spec.source):
+                        item["source"], item["sha256"] = path, digest
+                out.append(item)
         return out
 
 

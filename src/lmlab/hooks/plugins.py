@@ -41,7 +41,7 @@ def load_plugin(path: str | Path) -> str:
     except Exception as e:
         raise LmlabError(f"Plugin file '{path}' failed to load: {type(e).__name__}: {e}") from e
     finally:
-        registry._current_source = "builtin"
+        registry._current_source = None
     sys.modules[module_name] = module
     _loaded[str(p)] = digest
     return digest

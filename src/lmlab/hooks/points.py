@@ -1,10 +1,12 @@
 """Named intervention points: identity modules that hooks attach to.
 
 As in TransformerLens, every place an experiment may touch is a `HookPoint`
-module whose forward returns its input. With nothing attached, a call costs one
-`nn.Module.__call__` on its fast path; with hooks attached, PyTorch's own
-forward-hook machinery runs them, so adding and removing hooks never edits the
-model's code. A model exposes its points by name via `hook_points()`; the same
+module whose forward returns its input. With nothing attached (to it, or
+globally to all modules), a call returns its input after four dict checks,
+skipping `nn.Module.__call__`'s dispatch, which is what makes an unhooked point
+cost nothing measurable even on a launch-bound GPU; with hooks attached,
+PyTorch's own hook machinery runs them, so adding and removing hooks never
+edits the model's code. A model exposes its points by name via `hook_points()`; the same
 names mean the same activations on every architecture.
 """
 
@@ -14,6 +16,7 @@ import fnmatch
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from lmlab.errors import LmlabError
 
@@ -22,6 +25,14 @@ class HookPoint(nn.Module):
     """Identity; its forward hooks see and may replace the activation."""
 
     name: str = ""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                or self._backward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks):
+            return super().__call__(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -52,12 +63,12 @@ def match_points(pattern: str, names: list[str]) -> list[str]:
     if not hits:
         raise LmlabError(
             f"Hook point pattern '{pattern}' matches no point of this model. "
-            f"Its points are: {', '.join(_summarise(names))}."
+            f"Its points are: {', '.join(summarise(names))}."
         )
     return hits
 
 
-def _summarise(names: list[str]) -> list[str]:
+def summarise(names: list[str]) -> list[str]:
     """Collapse `blocks.{i}.x` over layers so the list of points stays readable."""
     out, seen = [], set()
     for n in names:

@@ -16,7 +16,7 @@ from lmlab.model import registry
 
 
 def _lineage_names(meta: dict[str, Any], root: str | Path | None) -> list[str]:
-    """Names from the checkpoint's parent back to the imported base, as far as the registry knows."""
+    """Names from the checkpoint's parent back to the imported base, as the registry knows them."""
     parent = meta.get("fine_tuned_from") or meta.get("model_name")
     if not parent:
         return []

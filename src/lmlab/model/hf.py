@@ -281,8 +281,9 @@ class HFCausalLMAdapter(BaseAdapter):
         model_cls = cls.model_class(model_type)
         hf_config = CONFIG_MAPPING[model_type].from_dict(hf_dict)
         hf_config._attn_implementation = "sdpa"
-        with no_init_weights():
+        with no_init_weights():  # the checkpoint's weights replace them at once
             model = model_cls(hf_config)
+        model.tie_weights()  # skipped under no_init_weights; untied, an optimizer sees 2 params
         model.to(torch_dtype(config.get("dtype", "float32")))
         return cls(model, meta, config.get("block_size"))
 
@@ -320,7 +321,7 @@ class HFCausalLMAdapter(BaseAdapter):
         return self._hook_points
 
     def uses_eager_attention(self, layer: int) -> bool:
-        """Whether layer `layer` currently materialises its scores (they or the pattern are hooked)."""
+        """Whether layer `layer` materialises its scores now (its scores or pattern are hooked)."""
         a = self.points.blocks[layer].attn
         return a.hook_attn_scores.active or a.hook_pattern.active
 

@@ -8,8 +8,8 @@ succeeded is the staging folder moved to `models/<model_name>/` and the entry
 written, under the registry lock. A failure therefore writes nothing to the
 registry and leaves no half-imported folder behind.
 
-The hub path never hangs: before `huggingface_hub` makes a request, a ~2 s TCP
-connect to the hub decides whether we are online. Offline, the hub's offline
+The hub path never hangs: before `huggingface_hub` makes a request, a ~2 s HTTP
+HEAD request to the hub decides whether we are online. Offline, the hub's offline
 mode is switched on (its default retries take ~45 s and a silent server hangs
 forever), so a cached model imports from the local Hugging Face cache and an
 uncached one fails at once with a message on importing from a folder.
@@ -17,11 +17,11 @@ uncached one fails at once with a message on importing from a folder.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -103,27 +103,35 @@ def _gguf_fields(path: Path) -> dict[str, Any]:
     return out
 
 
-def hub_endpoint() -> tuple[str, int]:
-    """Host and port of the hub (HF_ENDPOINT when set), for the reachability probe."""
+def hub_endpoint() -> tuple[str, str, int]:
+    """Scheme, host and port of the hub (HF_ENDPOINT when set), for the reachability probe."""
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = url.port or (443 if url.scheme == "https" else 80)
-    return url.hostname or "huggingface.co", port
+    scheme = url.scheme or "https"
+    port = url.port or (443 if scheme == "https" else 80)
+    return scheme, url.hostname or "huggingface.co", port
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """Whether a TCP connection to the hub opens within `timeout` seconds.
+    """Whether the hub answers an HTTP HEAD request within `timeout` seconds.
 
-    Run in a daemon thread so that a slow DNS lookup cannot stretch the wait.
+    A bare TCP connect is not enough: a server that accepts and never answers
+    would make huggingface_hub hang. The probe runs in a daemon thread, so a
+    slow DNS lookup cannot stretch the wait either.
     """
-    host, port = hub_endpoint()
+    scheme, host, port = hub_endpoint()
     ok: list[bool] = []
 
     def probe() -> None:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        conn = cls(host, port, timeout=timeout)
         try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.append(True)
-        except OSError:
+            conn.request("HEAD", "/")
+            conn.getresponse()
+            ok.append(True)
+        except (OSError, http.client.HTTPException):
             pass
+        finally:
+            conn.close()
 
     t = threading.Thread(target=probe, daemon=True)
     t.start()
@@ -198,6 +206,24 @@ def _staging(root: Path, name: str) -> Path:
         shutil.rmtree(staged)
     staged.mkdir()
     return staged
+
+
+def _plain_copy(model: Any, model_cls: type) -> Any:
+    """The same weights in a model without the gguf quantizer, which refuses `save_pretrained`.
+
+    transformers dequantises a gguf on load but keeps it marked as quantized; the
+    dequantised float32 weights are ordinary weights, so they move to a plain model.
+    """
+    from transformers.initialization import no_init_weights
+
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    with no_init_weights():
+        plain = model_cls(cfg)
+    plain.tie_weights()
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def _describe(model: Any, folder: Path) -> dict[str, Any]:
@@ -295,6 +321,8 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
                 f"transformers could not load the weights of {source}: "
                 f"{str(e).splitlines()[0][:300]}"
             ) from None
+        if gguf_file:
+            model = _plain_copy(model, model_cls)
         try:
             tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file,
                                                 trust_remote_code=trust_remote_code)

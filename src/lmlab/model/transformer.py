@@ -112,12 +112,13 @@ class Attention(nn.Module):
             mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
         dropout = self.dropout if self.training else 0.0
         if self.hook_attn_scores.active or self.hook_pattern.active:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            # hooks see the scores before the causal mask, so no hook can unmask the future
+            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim))
             if T > 1:
                 if mask is None:
                     mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril()
                 scores = scores.masked_fill(~mask, float("-inf"))
-            pattern = self.hook_pattern(F.softmax(self.hook_attn_scores(scores), dim=-1))
+            pattern = self.hook_pattern(F.softmax(scores, dim=-1))
             z = F.dropout(pattern, dropout, self.training) @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,

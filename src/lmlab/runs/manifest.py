@@ -22,9 +22,14 @@ from lmlab.train.checkpoint import atomic_write_bytes
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def new_run_id(name: str, config_hash: str) -> str:
+def new_run_id(name: str, config_hash: str, root: Path) -> str:
+    """`<time>-<name>-<hash6>`, with a counter if that folder already exists in `root`."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{name}-{config_hash[:6]}"
+    run_id, n = f"{stamp}-{name}-{config_hash[:6]}", 1
+    while (root / run_id).exists():
+        n += 1
+        run_id = f"{stamp}-{name}-{config_hash[:6]}-{n}"
+    return run_id
 
 
 def code_version() -> dict[str, Any]:

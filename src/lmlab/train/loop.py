@@ -109,9 +109,10 @@ class Trainer:
             self.step, self.best_val = ckpt["step"], ckpt.get("best_val", math.inf)
             self.run_id, self.run_dir = ckpt["run_id"], Path(ckpt["path"]).parents[1]
         else:
-            self.run_id = mf.new_run_id(cfg.run.name, cfg.hash())
-            self.run_dir = Path(cfg.run.out_dir) / self.run_id
+            self.run_id = mf.new_run_id(cfg.run.name, cfg.hash(), Path(cfg.run.out_dir))
         self.run_id = self.dist.broadcast_str(self.run_id)
+        if ckpt is None:
+            self.run_dir = Path(cfg.run.out_dir) / self.run_id
         self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
         self.interrupted = False
 
@@ -207,7 +208,7 @@ class Trainer:
         self._manifest("running", extra)
         tokens_per_step = t.batch_size * t.grad_accum * cfg.data.block_size * self.dist.world_size
         previous = signal.signal(signal.SIGINT, self._on_sigint)
-        self.hooks.attach()
+        self.hooks.attach(self.run_dir)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, unit="step")
         status, t0, started = "finished", time.perf_counter(), self.step

@@ -1,0 +1,81 @@
+"""`lmlab hooks list`: the points a config's model has, and every hook config can name.
+
+The model is built from the config alone (no prepared data is needed), so the
+points printed are exactly those `at:` globs are matched against in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lmlab.hooks import registry
+from lmlab.hooks.points import summarise
+
+KIND_HELP = {
+    "forward": "change activations at a point: at: POINT-GLOB",
+    "backward": "change only the gradient through a point: at: POINT-GLOB",
+    "update": "transform gradients before optimizer.step(): no 'at'",
+    "aux_losses": "add weight * loss to the training loss: weight: W, at: POINT-GLOB (if it reads "
+                  "activations)",
+}
+
+
+def points_text(names: list[str]) -> list[str]:
+    """The point names with block indices collapsed to `{i}`, plus the range of i."""
+    layers = sorted({int(n.split(".")[1]) for n in names
+                     if n.startswith("blocks.") and n.split(".")[1].isdigit()})
+    lines = [f"{len(names)} hook points"
+             + (f"; blocks.{{i}} for i = {layers[0]}..{layers[-1]}" if layers else "") + ":"]
+    for n in summarise(names):
+        note = ("   (hooking it leaves the fused attention kernel)"
+                if n.endswith(("hook_attn_scores", "hook_pattern")) else "")
+        lines.append(f"  {n}{note}")
+    return lines
+
+
+def hooks_text() -> list[str]:
+    """Every registered hook by kind: its signature, where it may act, and its one-line doc."""
+    registry.load_builtins()
+    lines = []
+    for kind in registry.KINDS:
+        lines.append(f"{kind} hooks ({KIND_HELP[kind]}):")
+        for name in sorted(registry.REGISTRY[kind]):
+            spec = registry.REGISTRY[kind][name]
+            where = f" [at {spec.points}]" if spec.points else ""
+            source = "" if spec.source == "builtin" else f" [from {spec.source}]"
+            lines.append(f"  {spec.signature_text()}{where}{source}")
+            lines.append(f"      {spec.doc}")
+    return lines
+
+
+def cmd_hooks_list(args: argparse.Namespace) -> None:
+    from lmlab.config import load_config
+    from lmlab.hooks.plugins import load_plugin
+    from lmlab.model.build import build_adapter
+
+    cfg = load_config(args.config, getattr(args, "set", None) or [])
+    for path in cfg.hooks.plugins:
+        load_plugin(path)
+    adapter = build_adapter(cfg)  # the character model's vocab is fixed: no data needed
+    model = cfg.model.model_name or "from-scratch Transformer"
+    print(f"Model: {model} ({adapter.num_params():,} parameters)")
+    print("\n".join(points_text(list(adapter.hook_points()))))
+    print()
+    print("\n".join(hooks_text()))
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add `hooks list` to the top-level subparsers of `lmlab`."""
+    s = subparsers.add_parser(
+        "hooks", help="list hook points and built-in hooks",
+        description="What an experiment can touch: the model's hook points (matched by the "
+                    "'at' globs of the config's hooks section) and every hook by kind.")
+    hs = s.add_subparsers(dest="hooks_command", required=True, metavar="ACTION")
+    h = hs.add_parser("list", help="the points of a config's model and every hook with its "
+                                   "parameters")
+    h.add_argument("--config", help="a YAML file or ready config (default: char-tiny); its "
+                                    "plugins are loaded so their hooks are listed too")
+    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.n_layer=2")
+    h.set_defaults(func=cmd_hooks_list)
