@@ -2,8 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.config import (CONFIG_DIR, apply_overrides, diff_configs, from_dict, load_config,
-                          parse_override)
+from lmlab.config import (
+    CONFIG_DIR,
+    apply_overrides,
+    diff_configs,
+    from_dict,
+    load_config,
+    parse_override,
+)
 from lmlab.errors import LmlabError
 
 

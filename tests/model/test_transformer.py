@@ -55,7 +55,8 @@ def test_hook_point_names_follow_transformerlens():
     for n in ["hook_embed", "hook_pos_embed", "hook_logits", "ln_final.hook_normalized",
               "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
               "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v",
-              "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z",
+              "blocks.0.attn.hook_attn_scores", "blocks.0.attn.hook_pattern",
+              "blocks.0.attn.hook_z",
               "blocks.0.hook_attn_out", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_post",
               "blocks.0.hook_mlp_out"]:
         assert n in names

@@ -6,8 +6,13 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.transformer import TransformerConfig
-from lmlab.train.checkpoint import (load_adapter, load_checkpoint, prune_checkpoints,
-                                    resolve_checkpoint, save_checkpoint)
+from lmlab.train.checkpoint import (
+    load_adapter,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 
 
 def adapter() -> CustomTransformerAdapter:

@@ -185,7 +185,8 @@ class Transformer(nn.Module):
         self.ln_final = FinalNorm(cfg.d_model, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
-        self.hook_embed, self.hook_pos_embed, self.hook_logits = HookPoint(), HookPoint(), HookPoint()
+        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.hook_logits = HookPoint()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):

@@ -20,7 +20,7 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise LmlabError("train.device is 'cuda' but no CUDA GPU is available. Use 'auto' or 'cpu'.")
+        raise LmlabError("train.device is 'cuda' but no CUDA GPU is available; use auto or cpu.")
     if name == "mps" and not torch.backends.mps.is_available():
         raise LmlabError("train.device is 'mps' but MPS is not available. Use 'auto' or 'cpu'.")
     return torch.device(name)
