@@ -39,7 +39,8 @@ def test_run_folder_holds_config_manifest_metrics_checkpoints(make_config):
     records = read_metrics(run)
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
     evals = [r for r in records if r["kind"] == "eval"]
-    assert [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in evals] == [0, 4, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert all({"val_loss", "val_ppl", "val_bpc"} <= set(r) for r in evals)
     assert losses(run)[8] < losses(run)[1]  # it learns
     ckpt = load_checkpoint(run)

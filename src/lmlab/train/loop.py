@@ -216,6 +216,10 @@ class Trainer:
         step_time, window_time, step_window = 0.0, 0.0, self.step
         last_loss = math.nan
         try:
+            if self.step == 0:  # the starting point of the curve: what training improves on
+                self._eval_and_log(0.0)
+                if t.sample_every and self.dist.is_main:
+                    self._write_sample()
             self.model.train()
             while self.step < t.max_steps and not self.interrupted:
                 lr = t.lr * self.lr_mult(self.step)
