@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,50 +29,29 @@ from lmlab.hooks.forward import Noise
 from lmlab.hooks.registry import register
 
 
-class _GradScale(torch.autograd.Function):
+class _GradMap(torch.autograd.Function):
+    """Identity forward; backward applies `fn` to the gradient arriving at the point."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
-        ctx.factor = factor
+    def forward(ctx, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.factor, None
+        return ctx.fn(grad), None
 
 
 @register("backward")
 def grad_scale(x: torch.Tensor, point: str, *, factor: float = 1.0) -> torch.Tensor:
     """Multiply the gradient flowing back through this point by `factor`."""
-    return _GradScale.apply(x, factor)
-
-
-class _GradClip(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, max_norm: float) -> torch.Tensor:
-        ctx.max_norm = max_norm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        norm = grad.norm()
-        return grad * torch.clamp(ctx.max_norm / (norm + 1e-12), max=1.0), None
+    return _GradMap.apply(x, lambda g: g * factor)
 
 
 @register("backward")
 def grad_clip(x: torch.Tensor, point: str, *, max_norm: float = 1.0) -> torch.Tensor:
     """Rescale the gradient at this point (whole tensor) to norm at most `max_norm`."""
-    return _GradClip.apply(x, max_norm)
-
-
-class _GradNoise(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, std: float, noise: Noise) -> torch.Tensor:
-        ctx.std, ctx.noise = std, noise
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad + ctx.std * ctx.noise.randn_like(grad), None, None
+    return _GradMap.apply(x, lambda g: g * torch.clamp(max_norm / (g.norm() + 1e-12), max=1.0))
 
 
 @register("backward")
@@ -82,7 +62,7 @@ class grad_noise:
         self.std, self.noise = std, Noise(seed)
 
     def __call__(self, x: torch.Tensor, point: str) -> torch.Tensor:
-        return _GradNoise.apply(x, self.std, self.noise)
+        return _GradMap.apply(x, lambda g: g + self.std * self.noise.randn_like(g))
 
 
 @register("backward")
