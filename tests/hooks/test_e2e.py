@@ -82,7 +82,7 @@ def test_same_config_and_seed_give_the_same_loss_curve_step_for_step(corpus, tmp
         run = train(cfg, progress=False)
         curves.append([(r["kind"], r["step"], r.get("loss"), r.get("val_loss"))
                        for r in read_metrics(run) if r["kind"] in ("train", "eval")])
-    assert len(curves[0]) == 8 and curves[0] == curves[1]
+    assert len(curves[0]) == 9 and curves[0] == curves[1]  # 6 train lines, evals at 0, 3, 6
     # and the hooks did act: without them the curve differs
     cfg = from_dict(tiny_config_dict(corpus, tmp_path / "c", train={"max_steps": 6,
                                                                      "eval_every": 3}))

@@ -80,13 +80,15 @@ def test_resume_with_changed_config_is_refused_then_recorded(make_config):
 
 
 def _plugin(tmp_path: Path, after_calls: int) -> Path:
+    """A forward hook that poisons the activation after `after_calls` training forwards."""
     p = tmp_path / "poison.py"
     p.write_text(
+        "import torch\n"
         "from lmlab.hooks.registry import register\n"
         "calls = [0]\n"
         "@register('forward')\n"
         "def poison(x, point):\n"
-        "    calls[0] += 1\n"
+        "    calls[0] += torch.is_grad_enabled()  # evaluation runs without grad\n"
         f"    return x * float('nan') if calls[0] > {after_calls} else x\n")
     return p
 
@@ -105,23 +107,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_config, tmp_p
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def _cli(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args, "--quiet"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_matches_a_straight_run(make_config, tmp_path):
+    """Every run is a fresh CLI process, as a user runs them (and as bit-exactness needs:
+    the same process settings on both sides of the comparison)."""
     cfg = make_config(train={"max_steps": 400, "eval_every": 1000, "checkpoint_every": 1000})
-    straight = losses(train(make_config(run={"name": "straight"},
-                                        train={"max_steps": 400, "eval_every": 1000,
-                                               "checkpoint_every": 1000}), progress=False))
     config = tmp_path / "cfg.yaml"
     config.write_text(dump_yaml(cfg))
     runs = tmp_path / "runs"
-    before = set(runs.iterdir())
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "train", "--config",
-                             str(config), "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    straight_proc = _cli("train", "--config", str(config), cwd=tmp_path)
+    assert straight_proc.wait(timeout=300) == 0, straight_proc.communicate()
+    (straight_run,) = runs.iterdir()
+    proc = _cli("train", "--config", str(config), cwd=tmp_path)
     deadline = time.time() + 60
     run = None
     while time.time() < deadline:
-        new = set(runs.iterdir()) - before
+        new = set(runs.iterdir()) - {straight_run}
         if new and len(read_metrics(next(iter(new)))) >= 5:
             run = next(iter(new))
             break
@@ -131,10 +137,12 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_a_straight_run(make_config
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    m = read_manifest(run)
-    assert m["status"] == "interrupted"
+    assert read_manifest(run)["status"] == "interrupted"
     stopped = load_checkpoint(run)["step"]
     assert 5 <= stopped < 400
-    train(config_for_resume(str(run), None, []), resume=str(run), progress=False)
-    assert losses(run) == straight
+    resumed = _cli("train", "--resume", str(run), cwd=tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"Resuming run {run.name} at step {stopped}" in out
+    assert losses(run) == losses(straight_run)
     assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
