@@ -79,6 +79,21 @@ def test_resume_with_changed_config_is_refused_then_recorded(make_config):
     assert read_manifest(run)["resumes"][-1]["config_changes"] == ["train.lr: 0.003 -> 0.001"]
 
 
+def test_resume_on_a_re_prepared_corpus_is_refused(make_config, tmp_path, corpus_dir):
+    import shutil
+
+    from lmlab.data.prepare import prepare
+    from tests.conftest import play_text
+
+    data = tmp_path / "data"
+    shutil.copytree(corpus_dir, data)
+    run = train(make_config(data={"path": str(data)}), progress=False)
+    (tmp_path / "other.txt").write_text(play_text(40_000, seed=1))
+    prepare([str(tmp_path / "other.txt")], data)  # same path, other text
+    with pytest.raises(LmlabError, match="data hash"):
+        train(config_for_resume(str(run), None, []), resume=str(run), progress=False)
+
+
 def _plugin(tmp_path: Path, after_calls: int) -> Path:
     """A forward hook that poisons the activation after `after_calls` training forwards."""
     p = tmp_path / "poison.py"

@@ -50,9 +50,12 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_resume(ckpt: dict, cfg: Config, plugins: dict[str, str], allow: bool) -> list[str]:
+def _check_resume(ckpt: dict, cfg: Config, plugins: dict[str, str], data_hash: str | None,
+                  allow: bool) -> list[str]:
     """Differences between the checkpoint's set-up and this one; refused unless allowed."""
     changes = diff_configs(ckpt["config"], cfg.to_dict())
+    if ckpt.get("data_hash") != data_hash:  # same path, but the corpus was prepared anew
+        changes.append(f"data hash: {ckpt.get('data_hash')} -> {data_hash}")
     old_plugins = ckpt.get("plugins", {})
     for path in sorted(set(old_plugins) | set(plugins)):
         if old_plugins.get(path) != plugins.get(path):
@@ -101,7 +104,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.changes: list[str] = []
         if ckpt is not None:
-            self.changes = _check_resume(ckpt, cfg, self.hooks.plugins, allow_config_change)
+            self.changes = _check_resume(ckpt, cfg, self.hooks.plugins,
+                                         self.data.meta.get("data_hash"), allow_config_change)
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.batcher.load_state_dict(ckpt["sampler"][min(self.dist.rank,
                                                              len(ckpt["sampler"]) - 1)])
@@ -167,6 +171,7 @@ class Trainer:
                 path, optimizer=self.optimizer.state_dict(), step=self.step,
                 rng=_rng_state(self.device), sampler=samplers, config=self.cfg.to_dict(),
                 run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
+                data_hash=self.data.meta.get("data_hash"),
                 saved_at=dt.datetime.now().isoformat(timespec="seconds"))
             prune_checkpoints(path.parent, self.cfg.train.keep_checkpoints)
         self.dist.barrier()
