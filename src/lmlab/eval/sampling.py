@@ -49,11 +49,19 @@ def generate(adapter: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     adapter.eval()
     device = next(adapter.parameters()).device
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else torch.seed())
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()  # this generator only: the global RNG, which training owns, is untouched
     block = adapter.block_size
     tokens = list(prompt)
-    pick = lambda logits: sample_next(logits[:, -1], temperature, top_k, top_p, greedy, gen)  # noqa: E731
-    as_tensor = lambda ids: torch.tensor([ids], dtype=torch.long, device=device)  # noqa: E731
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return sample_next(logits[:, -1], temperature, top_k, top_p, greedy, gen)
+
+    def as_tensor(ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], dtype=torch.long, device=device)
+
     if not use_cache:
         for _ in range(max_new_tokens):
             tokens.append(int(pick(adapter(as_tensor(tokens[-block:])))))

@@ -100,7 +100,7 @@ class Trainer:
         self.lr_mult = lr_multiplier(t)
         self.batcher = RandomBatcher(self.data.train, cfg.data.block_size, t.batch_size,
                                      self.device, cfg.run.seed, self.dist.rank)
-        self.step, self.best_val = 0, math.inf
+        self.step, self.best_val, self.last_val = 0, math.inf, None
         self.progress = progress and self.dist.is_main
         self.changes: list[str] = []
         if ckpt is not None:
@@ -265,7 +265,7 @@ class Trainer:
             steps_done = self.step - started
             self._manifest(status, {"final": {
                 "step": self.step, "train_loss": last_loss, "best_val_loss": self.best_val,
-                "last_val_loss": getattr(self, "last_val", None),
+                "last_val_loss": self.last_val,
                 "tokens_per_s": round(tokens_per_step * steps_done / step_time)
                 if steps_done else None,
                 "wall_s": round(wall, 2)}})
@@ -307,8 +307,9 @@ class Trainer:
             result = self.evaluate()
             self.last_val = result["val_loss"]
             self.metrics.write(kind="eval", step=self.step, time=round(elapsed, 3), **result)
-            tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f}, "
-                       f"bpc {result['val_bpc']:.3f}") if self.progress else None
+            if self.progress:
+                tqdm.write(f"step {self.step}: val loss {result['val_loss']:.4f}, "
+                           f"bpc {result['val_bpc']:.3f}")
         self.dist.barrier()
 
     def _write_sample(self) -> None:
