@@ -112,9 +112,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict]:
     """Rebuild the adapter a checkpoint was made with, from the checkpoint alone."""
+    ckpt = load_checkpoint(path)
+    return adapter_from_checkpoint(ckpt).to(device), ckpt
+
+
+def adapter_from_checkpoint(ckpt: dict[str, Any]) -> Any:
+    """The adapter of an already loaded checkpoint, with its weights (on the CPU)."""
     from lmlab.model.adapters import adapter_class
 
-    ckpt = load_checkpoint(path)
     meta = ckpt["model_meta"]
     adapter = adapter_class(meta["architecture_type"]).from_config(ckpt["model_config"], meta)
     try:
@@ -124,7 +129,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> tuple[
             f"The weights in '{ckpt['path']}' do not fit the architecture it records: "
             f"{str(e).splitlines()[0]}"
         ) from None
-    return adapter.to(device), ckpt
+    return adapter
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

@@ -28,7 +28,12 @@ from lmlab.hooks.manager import ExperimentHooks
 from lmlab.model.build import build_adapter
 from lmlab.runs import manifest as mf
 from lmlab.train import distributed
-from lmlab.train.checkpoint import checkpoint_path, load_adapter, load_checkpoint, prune_checkpoints
+from lmlab.train.checkpoint import (
+    adapter_from_checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    prune_checkpoints,
+)
 from lmlab.train.device import autocast, resolve_device, resolve_dtype
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
 
@@ -84,7 +89,7 @@ class Trainer:
         self.data = load_prepared(cfg.data.path)
         ckpt = load_checkpoint(resume) if resume else None
         if ckpt is not None:
-            self.adapter, _ = load_adapter(ckpt["path"])
+            self.adapter = adapter_from_checkpoint(ckpt)
             self.adapter.block_size = cfg.data.block_size
         else:
             self.adapter = build_adapter(cfg, self.data.meta["vocab_size"])
