@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 
 def gguf_path() -> Path:
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    print(describe())
     if args.threads:
         torch.set_num_threads(args.threads)
 

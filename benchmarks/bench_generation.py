@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from machine import describe  # noqa: E402
 
 from lmlab.eval.sampling import generate  # noqa: E402
 from lmlab.model.adapters.custom import CustomTransformerAdapter  # noqa: E402
@@ -63,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     p.add_argument("--pos", default="learned,rotary", help="position encodings to measure")
     args = p.parse_args(argv)
-    print(f"machine: {platform.platform()} | cores {os.cpu_count()} | torch {torch.__version__} "
-          f"| threads {torch.get_num_threads()} | load avg {os.getloadavg()[0]:.2f}")
+    print(describe())
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 97, (256,), generator=gen).tolist()  # a full window
     threads = torch.get_num_threads()

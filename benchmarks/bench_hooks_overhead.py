@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 
 import torch
+from machine import describe
 
 from lmlab.config import HooksConfig, TrainConfig
 from lmlab.hooks.manager import ExperimentHooks
@@ -69,16 +69,6 @@ def strip_hook_points(adapter: CustomTransformerAdapter) -> int:
                 n += 1
     assert not any(isinstance(m, HookPoint) for m in adapter.modules())
     return n
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -149,9 +139,8 @@ def main() -> None:
     wall = time.perf_counter() - t_start
     med = {k: statistics.median(v) for k, v in rates.items()}
 
-    print(f"machine: {platform.platform()}; cpu: {cpu_name()}; "
-          f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-          f"torch {torch.__version__}; threads {torch.get_num_threads()}")
+    print(describe())
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
     print(f"model: {args.layers} layers, d_model {args.d_model}, block {args.block}, batch "
           f"{args.batch}; {n_points} hook points; {len(fused_ok)} hooked in (c); "
           f"{args.rounds} rounds x {args.steps} steps, interleaved, {wall:.0f} s")

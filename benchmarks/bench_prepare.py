@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from machine import describe
 
 from lmlab.data.normalize import normalise
 from lmlab.data.prepare import prepare
@@ -59,8 +58,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
     args = ap.parse_args()
 
-    print(f"machine: {platform.platform()} | {platform.processor() or platform.machine()} | "
-          f"{os.cpu_count()} CPUs | python {platform.python_version()} | numpy {np.__version__}")
+    print(describe())
     block = synthetic_block(1 << 20)
     data = (block * (args.mb * (1 << 20) // len(block) + 1))[: args.mb * (1 << 20)]
     mb = len(data) / 1e6

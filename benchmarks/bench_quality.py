@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from machine import describe  # noqa: E402
 
 from lmlab.config import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_file():
         print(f"Corpus {src} not found: pass --data PATH to a copy of tinyshakespeare.txt.")
         return 2
-    print(f"machine: {platform.platform()} | cores {os.cpu_count()} | torch {torch.__version__}"
-          f" | threads {torch.get_num_threads()} | load avg {os.getloadavg()[0]:.2f}")
+    print(describe())
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         meta = prepare([str(src)], data, val_fraction=0.1)

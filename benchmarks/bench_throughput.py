@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import random
 import resource
 import statistics
@@ -43,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import describe  # noqa: E402
 from nanogpt_reference import GPTConfig, NanoGPTTrainer  # noqa: E402
 
 from lmlab.config import from_dict  # noqa: E402
@@ -59,26 +59,6 @@ MODELS = {  # name: (n_layer, n_head, d_model, context, batch, steps per round)
 }
 ROUNDS = {"tiny": 8, "small": 5}  # short rounds, many of them: the load changes by the second
 LR = 1e-3
-
-
-# --- the machine ----------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine() -> str:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    return (f"machine: {platform.platform()} | CPU: {cpu_model()} | cores: {os.cpu_count()} | "
-            f"torch {torch.__version__} | threads {torch.get_num_threads()} | "
-            f"fast bf16: {fast_bf16(torch.device('cpu'))} | load avg {load[0]:.2f}")
 
 
 def matmul_peak(dtype: torch.dtype, n: int, seconds: float = 1.5) -> float:
@@ -217,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     args = p.parse_args(argv)
 
-    print(machine())
+    print(describe())
     fp32 = matmul_peak(torch.float32, 1024)
     bf16 = matmul_peak(torch.bfloat16, 256 if not fast_bf16(torch.device("cpu")) else 1024)
     torch.set_num_threads(1)

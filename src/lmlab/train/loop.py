@@ -289,7 +289,7 @@ class Trainer:
                 aux = self.hooks.aux_losses()
                 total = loss + sum(aux.values()) if aux else loss
                 value = loss.item()
-                if not math.isfinite(value) or not math.isfinite(total.item()):
+                if not math.isfinite(value if total is loss else total.item()):
                     raise NonFiniteLoss(
                         f"The loss became {value} at step {self.step + 1}; stopping before the "
                         "update so no weights are damaged. The last good checkpoint in "

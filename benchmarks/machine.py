@@ -1,0 +1,34 @@
+"""The machine a benchmark ran on, in one line, printed first by every benchmark.
+
+Benchmarks run as scripts (`python benchmarks/x.py`), so this folder is on
+sys.path and they import it as `from machine import describe`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import numpy
+import torch
+
+from lmlab.train.device import fast_bf16
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def describe() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"machine: {platform.platform()} | CPU: {cpu_model()} | cores: {os.cpu_count()} | "
+            f"python {platform.python_version()} | torch {torch.__version__} | "
+            f"numpy {numpy.__version__} | threads {torch.get_num_threads()} | "
+            f"fast bf16: {fast_bf16(torch.device('cpu'))} | load avg {load:.2f}")
