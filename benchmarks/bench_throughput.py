@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from machine import describe  # noqa: E402
+from machine import describe, matmul_peak  # noqa: E402
 from nanogpt_reference import GPTConfig, NanoGPTTrainer  # noqa: E402
 
 from lmlab.config import from_dict  # noqa: E402
@@ -59,18 +59,6 @@ MODELS = {  # name: (n_layer, n_head, d_model, context, batch, steps per round)
 }
 ROUNDS = {"tiny": 8, "small": 5}  # short rounds, many of them: the load changes by the second
 LR = 1e-3
-
-
-def matmul_peak(dtype: torch.dtype, n: int, seconds: float = 1.5) -> float:
-    """Best GFLOP/s of an n x n matmul over ~`seconds` (best, since others' load only slows it)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 # --- the data and the two trainers --------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy
@@ -32,3 +33,15 @@ def describe() -> str:
             f"python {platform.python_version()} | torch {torch.__version__} | "
             f"numpy {numpy.__version__} | threads {torch.get_num_threads()} | "
             f"fast bf16: {fast_bf16(torch.device('cpu'))} | load avg {load:.2f}")
+
+
+def matmul_peak(dtype: torch.dtype, n: int, seconds: float = 1.5) -> float:
+    """Best GFLOP/s of an n x n matmul over ~`seconds` (best, since others' load only slows it)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best

@@ -51,6 +51,9 @@ def test_int_accepted_for_float_and_values_checked():
         from_dict({"model": {"d_model": 30, "n_head": 4}})
     with pytest.raises(LmlabError, match="positive"):
         from_dict({"train": {"max_steps": 0}})
+    with pytest.raises(LmlabError, match="muon.*fsdp"):  # refused before any rank starts
+        from_dict({"train": {"optimizer": "muon", "parallel": "fsdp"}})
+    assert from_dict({"train": {"optimizer": "lion", "parallel": "fsdp"}}).train.parallel == "fsdp"
 
 
 def test_overrides_parse_yaml_values():
@@ -88,6 +91,6 @@ def test_missing_config_lists_ready_ones(tmp_path: Path):
 def test_base_hash_ignores_bookkeeping_but_not_the_setup():
     a = from_dict({"run": {"name": "baseline"}})
     b = from_dict({"run": {"name": "experiment", "out_dir": "elsewhere"},
-                   "train": {"eval_every": 7, "log_every": 3}})
+                   "train": {"eval_every": 7, "log_every": 3, "parallel": "fsdp"}})
     assert a.base_hash() == b.base_hash() and a.hash() != b.hash()
     assert a.base_hash() != from_dict({"run": {"seed": 2}}).base_hash()

@@ -75,6 +75,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or shard (FSDP2)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     compile: bool = False
     threads: int | None = None
@@ -119,7 +120,8 @@ class Config:
 
 BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
-               ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads")]
+               ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
+               ("train", "parallel")]
 
 
 def config_hash(d: dict[str, Any]) -> str:
@@ -240,6 +242,10 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
+    if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
+        raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
+                         "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
+                         "with fsdp, or train.parallel=ddp with muon.")
 
 
 # --- loading and overrides ------------------------------------------------------

@@ -56,6 +56,11 @@ def weight_orthogonality(acts: dict, model: torch.nn.Module, *,
             continue
         w = p.float()
         gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+        if type(gram) is not torch.Tensor:  # maybe sharded by FSDP (imported only then)
+            from torch.distributed.tensor import DTensor
+
+            if isinstance(gram, DTensor):
+                gram = gram.full_tensor()
         eye = torch.eye(gram.shape[0], device=gram.device)
         terms.append((gram - eye).pow(2).sum())
     if not terms:

@@ -42,7 +42,13 @@ class Noise:
         gen = self._gens.get(x.device)
         if gen is None:
             gen = self._gens[x.device] = torch.Generator(x.device).manual_seed(self.seed)
-        return torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        if type(x) is not torch.Tensor:  # maybe a shard under FSDP (imported only then)
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            if isinstance(x, DTensor):  # the whole tensor's draw, cut as x is cut
+                noise = distribute_tensor(noise, x.device_mesh, x.placements, src_data_rank=None)
+        return noise
 
 
 @register("forward")

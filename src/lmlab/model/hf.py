@@ -22,6 +22,7 @@ checkpoint's bf16 and CPU training wants float32.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -320,6 +321,16 @@ class HFCausalLMAdapter(BaseAdapter):
             self._hook_points = collect_hook_points(self.points)
         return self._hook_points
 
+    def shard_units(self) -> list[tuple[nn.Module, str]]:
+        """Each decoder layer, run as `layer.lmlab_block`, the method FSDP is told to gather for.
+
+        The adapter never calls `layer(...)` (it runs the layer's parts itself,
+        with hook points between them), so FSDP's forward hooks would not fire.
+        """
+        for layer, points in zip(self.model.model.layers, self.points.blocks, strict=True):
+            layer.lmlab_block = functools.partial(self._block, layer, points)
+        return [(layer, "lmlab_block") for layer in self.model.model.layers]
+
     def uses_eager_attention(self, layer: int) -> bool:
         """Whether layer `layer` materialises its scores now (its scores or pattern are hooked)."""
         a = self.points.blocks[layer].attn
@@ -342,7 +353,8 @@ class HFCausalLMAdapter(BaseAdapter):
         cos, sin = base.rotary_emb(x, position_ids)
         rope = (cos.unsqueeze(1), sin.unsqueeze(1))
         for i, layer in enumerate(base.layers):
-            x = self._block(layer, pts.blocks[i], x, rope, cache, i)
+            run = getattr(layer, "lmlab_block", None)  # set when FSDP shards the layer
+            x = (run or functools.partial(self._block, layer, pts.blocks[i]))(x, rope, cache, i)
         if cache is not None:
             cache.pos += T
         x = pts.ln_final.hook_normalized(base.norm(x))

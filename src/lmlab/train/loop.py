@@ -80,7 +80,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None,
                  allow_config_change: bool = False, progress: bool = True) -> None:
         self.cfg, t = cfg, cfg.train
-        self.dist = distributed.setup(t.device)
+        self.dist = distributed.setup(t.device, t.parallel)
         self.device = self.dist.device or resolve_device(t.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
         if t.threads:
@@ -94,9 +94,10 @@ class Trainer:
         else:
             self.adapter = build_adapter(cfg, self.data.meta["vocab_size"])
         self._check_data_fits()
-        self.adapter.to(self.device)
         if cfg.model.dtype != "float32":
             self.adapter.to(getattr(torch, cfg.model.dtype))
+        if not self.dist.sharded:  # FSDP moves each rank's shards to its device itself
+            self.adapter.to(self.device)
         self.hooks = ExperimentHooks(cfg.hooks, self.adapter)
         self.model = self.dist.wrap(self.adapter)
         if t.compile:
@@ -111,7 +112,8 @@ class Trainer:
         if ckpt is not None:
             self.changes = _check_resume(ckpt, cfg, self.hooks.plugins,
                                          self.data.meta.get("data_hash"), allow_config_change)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(
+                self.dist.shard_optimizer_state(ckpt["optimizer"], self.optimizer))
             self.batcher.load_state_dict(ckpt["sampler"][min(self.dist.rank,
                                                              len(ckpt["sampler"]) - 1)])
             _set_rng_state(ckpt["rng"], self.device)
@@ -171,9 +173,11 @@ class Trainer:
     def save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
         samplers = self.dist.gather_objects(self.batcher.state_dict())
+        weights = self.dist.full_state(self.adapter.network.state_dict())
+        optimizer = self.dist.full_state(self.optimizer.state_dict())
         if self.dist.is_main:
             self.adapter.save_checkpoint(
-                path, optimizer=self.optimizer.state_dict(), step=self.step,
+                path, model=weights, optimizer=optimizer, step=self.step,
                 rng=_rng_state(self.device), sampler=samplers, config=self.cfg.to_dict(),
                 run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
                 data_hash=self.data.meta.get("data_hash"),
@@ -228,10 +232,13 @@ class Trainer:
         try:
             if self.step == 0:  # the starting point of the curve: what training improves on
                 self._eval_and_log(0.0)
-                if t.sample_every and self.dist.is_main:
+                if t.sample_every:
                     self._write_sample()
             self.model.train()
-            while self.step < t.max_steps and not self.interrupted:
+            while self.step < t.max_steps:
+                if self.dist.any_rank(self.interrupted):  # all ranks stop at the same step
+                    self.interrupted = True
+                    break
                 lr = t.lr * self.lr_mult(self.step)
                 set_lr(self.optimizer, lr)
                 t_step = time.perf_counter()
@@ -252,7 +259,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     self._eval_and_log(time.perf_counter() - t0)
-                if t.sample_every and self.step % t.sample_every == 0 and self.dist.is_main:
+                if t.sample_every and self.step % t.sample_every == 0:
                     self._write_sample()
                 if self.step % t.checkpoint_every == 0 and self.step != t.max_steps:
                     self.save()
@@ -274,7 +281,7 @@ class Trainer:
                 "tokens_per_s": round(tokens_per_step * steps_done / step_time)
                 if steps_done else None,
                 "wall_s": round(wall, 2)}})
-            self.dist.cleanup()
+            self.dist.cleanup(ok=status != "failed")
         return self.run_dir
 
     def _train_step(self) -> tuple[float, dict[str, float]]:
@@ -289,9 +296,11 @@ class Trainer:
                 aux = self.hooks.aux_losses()
                 total = loss + sum(aux.values()) if aux else loss
                 value = loss.item()
-                if not math.isfinite(value if total is loss else total.item()):
+                bad = not math.isfinite(value if total is loss else total.item())
+                if self.dist.any_rank(bad):
                     raise NonFiniteLoss(
-                        f"The loss became {value} at step {self.step + 1}; stopping before the "
+                        f"The loss became {value if bad else 'non-finite on another rank'} at "
+                        f"step {self.step + 1}; stopping before the "
                         "update so no weights are damaged. The last good checkpoint in "
                         f"{self.run_dir / 'checkpoints'} is intact. Lower train.lr, enable "
                         "train.grad_clip or check the hooks in force."
@@ -308,7 +317,8 @@ class Trainer:
         return total_loss, aux_totals
 
     def _eval_and_log(self, elapsed: float) -> None:
-        if self.dist.is_main:
+        # a sharded model needs every rank for a forward pass; a replicated one only rank 0
+        if self.dist.is_main or self.dist.sharded:
             result = self.evaluate()
             self.last_val = result["val_loss"]
             self.metrics.write(kind="eval", step=self.step, time=round(elapsed, 3), **result)
@@ -318,11 +328,14 @@ class Trainer:
         self.dist.barrier()
 
     def _write_sample(self) -> None:
+        if not (self.dist.is_main or self.dist.sharded):
+            return
         tok = self.adapter.tokenizer
         text = tok.decode(generate(self.adapter, tok.encode("\n"), 200, temperature=0.8,
                                    top_k=40, seed=self.cfg.run.seed))
-        with open(self.run_dir / "samples.txt", "a") as f:
-            f.write(f"--- step {self.step}\n{text}\n")
+        if self.dist.is_main:
+            with open(self.run_dir / "samples.txt", "a") as f:
+                f.write(f"--- step {self.step}\n{text}\n")
 
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupted:  # a second Ctrl-C: stop now

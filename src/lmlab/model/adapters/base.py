@@ -52,6 +52,15 @@ class BaseAdapter(nn.Module):
         """The module whose parameters are trained (and whose names hook points use)."""
         return self.model
 
+    def shard_units(self) -> list[tuple[nn.Module, str]]:
+        """(block, method) for each repeated block: FSDP shards and all-gathers one at a time.
+
+        `method` is what the adapter calls to run the block: "forward" when it
+        calls the block itself, another name when it runs the block's parts in
+        its own order, so that FSDP gathers the block before that method runs.
+        """
+        raise NotImplementedError
+
     def decay_mask(self, name: str, param: nn.Parameter) -> bool:
         """Whether weight decay applies: matrices yes; norms, biases and embeddings no."""
         return param.dim() >= 2 and "emb" not in name and "wte" not in name and "wpe" not in name

@@ -29,6 +29,9 @@ class CustomTransformerAdapter(BaseAdapter):
         p = self.model.wte.weight
         return self.model.new_cache(batch_size, p.device, p.dtype)
 
+    def shard_units(self) -> list[tuple[torch.nn.Module, str]]:
+        return [(block, "forward") for block in self.model.blocks]
+
     def get_config(self) -> dict[str, Any]:
         return self.model.cfg.to_dict()
 
