@@ -13,14 +13,15 @@ from lmlab.runs.compare import add_compare, compare
 
 
 def fake_run(root: Path, run_id: str, base="b1", data="d1", lr=1e-3, hooks=None,
-             val=(2.5, 2.1, 2.2), tps=5000) -> Path:
+             val=(2.5, 2.1, 2.2), tps=5000, world=1) -> Path:
     d = root / run_id
     d.mkdir(parents=True)
     config = {"run": {"name": run_id}, "train": {"lr": lr}, "hooks": {"forward": hooks or []}}
     manifest = {"run_id": run_id, "status": "finished", "config": config, "base_hash": base,
                 "data_hash": data, "hooks": hooks or [], "plugins": {},
                 "code": {"git_commit": "abc", "git_dirty": False}, "device": "cpu",
-                "dtype": "float32", "final": {"step": 30, "tokens_per_s": tps}}
+                "dtype": "float32", "world_size": world,
+                "final": {"step": 30, "tokens_per_s": tps}}
     (d / "manifest.json").write_text(json.dumps(manifest))
     lines = [{"kind": "train", "step": s, "loss": 3.0 - s / 20, "tokens_per_s": tps}
              for s in range(1, 31)]
@@ -45,7 +46,8 @@ def test_matching_runs_say_comparable_and_show_figures_and_diff(tmp_path):
 
 @pytest.mark.parametrize("changes,words", [({"base": "b2"}, "BASE CONFIGS"),
                                            ({"data": "d2"}, "DATA"),
-                                           ({"base": "b2", "data": "d2"}, "BASE CONFIGS AND DATA")])
+                                           ({"base": "b2", "data": "d2"}, "BASE CONFIGS AND DATA"),
+                                           ({"world": 2}, "WORLD SIZES")])
 def test_mismatched_hashes_are_announced_on_line_one(tmp_path, changes, words):
     a = fake_run(tmp_path, "run-a")
     b = fake_run(tmp_path, "run-b", lr=3e-3, **changes)

@@ -47,6 +47,7 @@ import yaml
 from lmlab.config import from_dict
 from lmlab.data.batcher import RandomBatcher
 from lmlab.data.prepare import prepare
+from lmlab.errors import LmlabError
 from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
 from lmlab.train.loop import Trainer
 
@@ -214,11 +215,14 @@ def test_ddp_checkpoint_resumes_exactly_in_one_process(ddp_run: dict) -> None:
     rel = _max_rel_diff(ddp_last, _params(resumed), ckpt["model"])
     assert rel < 1e-4, f"resumed step 2 differs from DDP's by {rel:.2e} of a step"
 
-    # and the plain resume (what `lmlab train --resume RUN_DIR` does) continues the run
+    # the plain resume (what `lmlab train --resume RUN_DIR` does): one process instead of two
+    # halves the effective batch, so it is refused unless allowed, and then recorded
     raw = json.loads(json.dumps(ddp_run["raw"]))
     raw["train"]["max_steps"] = 3
     run_dir = ddp_run["tmp"] / "copy-b" / original.name
     shutil.copytree(original, run_dir)
+    with pytest.raises(LmlabError, match="world size: 2 -> 1 processes"):
+        Trainer(from_dict(ddp_run["raw"]), resume=str(run_dir), progress=False)
     plain = Trainer(from_dict(raw), resume=str(run_dir), allow_config_change=True,
                     progress=False)
     assert plain.step == 2 and plain.run_dir == run_dir
@@ -229,6 +233,8 @@ def test_ddp_checkpoint_resumes_exactly_in_one_process(ddp_run: dict) -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["world_size"] == 1
     assert manifest["resumes"][-1]["at_step"] == 2
+    changes = manifest["resumes"][-1]["config_changes"]
+    assert any(c.startswith("world size: 2 -> 1") for c in changes), changes
 
 
 def test_checkpoint_resumes_under_torchrun(ddp_run: dict) -> None:

@@ -27,16 +27,17 @@ def comparability(manifests: list[dict[str, Any]]) -> list[str]:
     """The headline: line 1 says whether base configs and data match; more lines say how not."""
     names = [m.get("run_id", "?") for m in manifests]
     problems, details = [], []
-    for key, what in (("base_hash", "BASE CONFIGS"), ("data_hash", "DATA")):
-        values = [m.get(key) for m in manifests]
+    for key, what in (("base_hash", "BASE CONFIGS"), ("data_hash", "DATA"),
+                      ("world_size", "WORLD SIZES")):  # world size scales the effective batch
+        values = [m.get(key, 1 if key == "world_size" else None) for m in manifests]
         if len(set(values)) > 1 or None in values:
             problems.append(what)
             details.append(f"  {key}: " + ", ".join(f"{n}={_short(v)}"
                                                      for n, v in zip(names, values, strict=True)))
     if not problems:
-        return [f"Comparable: same base config ({_short(manifests[0].get('base_hash'))}) and same "
-                f"data ({_short(manifests[0].get('data_hash'))}); the runs differ only in their "
-                "hooks."]
+        return [f"Comparable: same base config ({_short(manifests[0].get('base_hash'))}), same "
+                f"data ({_short(manifests[0].get('data_hash'))}) and same world size; the runs "
+                "differ only in their hooks."]
     head = (f"!!! NOT COMPARABLE: {' AND '.join(problems)} DIFFER - these runs differ in more "
             "than their hooks, so their losses are not a like-for-like comparison !!!")
     base = manifests[0].get("config", {})

@@ -56,11 +56,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def _check_resume(ckpt: dict, cfg: Config, plugins: dict[str, str], data_hash: str | None,
-                  allow: bool) -> list[str]:
+                  world_size: int, allow: bool) -> list[str]:
     """Differences between the checkpoint's set-up and this one; refused unless allowed."""
     changes = diff_configs(ckpt["config"], cfg.to_dict())
     if ckpt.get("data_hash") != data_hash:  # same path, but the corpus was prepared anew
         changes.append(f"data hash: {ckpt.get('data_hash')} -> {data_hash}")
+    saved_world = len(ckpt.get("sampler") or [None])  # one sampler state per rank
+    if saved_world != world_size:
+        changes.append(f"world size: {saved_world} -> {world_size} processes (the effective "
+                       "batch is batch_size x grad_accum x world size)")
     old_plugins = ckpt.get("plugins", {})
     for path in sorted(set(old_plugins) | set(plugins)):
         if old_plugins.get(path) != plugins.get(path):
@@ -111,7 +115,8 @@ class Trainer:
         self.changes: list[str] = []
         if ckpt is not None:
             self.changes = _check_resume(ckpt, cfg, self.hooks.plugins,
-                                         self.data.meta.get("data_hash"), allow_config_change)
+                                         self.data.meta.get("data_hash"),
+                                         self.dist.world_size, allow_config_change)
             self.optimizer.load_state_dict(
                 self.dist.shard_optimizer_state(ckpt["optimizer"], self.optimizer))
             self.batcher.load_state_dict(ckpt["sampler"][min(self.dist.rank,
