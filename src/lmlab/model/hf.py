@@ -354,7 +354,8 @@ class HFCausalLMAdapter(BaseAdapter):
         rope = (cos.unsqueeze(1), sin.unsqueeze(1))
         for i, layer in enumerate(base.layers):
             run = getattr(layer, "lmlab_block", None)  # set when FSDP shards the layer
-            x = (run or functools.partial(self._block, layer, pts.blocks[i]))(x, rope, cache, i)
+            x = run(x, rope, cache, i) if run else self._block(layer, pts.blocks[i], x, rope,
+                                                               cache, i)
         if cache is not None:
             cache.pos += T
         x = pts.ln_final.hook_normalized(base.norm(x))

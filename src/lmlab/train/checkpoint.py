@@ -43,16 +43,21 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
-    """Write weights, model config and metadata, plus whatever loop state is given."""
+    """Write weights, model config and metadata, plus whatever loop state is given.
+
+    `model=` in `state` gives the weights (a sharded run gathers them first);
+    otherwise they are the adapter's own.
+    """
     path = Path(path)
     ckpt = {
         "format": FORMAT,
         "version": VERSION,
         "model_config": adapter.get_config(),
         "model_meta": dict(adapter.meta),
-        "model": adapter.network.state_dict(),
         **state,
     }
+    if "model" not in ckpt:
+        ckpt["model"] = adapter.network.state_dict()
     atomic_write_bytes(path, lambda f: torch.save(ckpt, f))
     return path
 
