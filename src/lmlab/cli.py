@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lmlab.errors import LmlabError
@@ -191,7 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    rc = _run(build_parser().parse_args(argv))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker leaves without C++ static destructors: at exit, after a sharded
+        # run had finished and saved, one of gloo's threads aborted the process now and then
+        # ("terminate called without an active exception"), failing the launch. Files are
+        # closed and the process group destroyed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except LmlabError as e:
