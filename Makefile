@@ -33,6 +33,7 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks main.py
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/python benchmarks/bench_throughput.py

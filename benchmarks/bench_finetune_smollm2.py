@@ -62,8 +62,8 @@ def rss_mib() -> float:
 
 
 def make_step(model_fn, params, dtype: str):
+    from lmlab.device import autocast
     from lmlab.eval.metrics import cross_entropy
-    from lmlab.train.device import autocast
 
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=False)
     dev = torch.device("cpu")

@@ -38,9 +38,9 @@ from machine import describe
 
 from lmlab.config import HooksConfig, TrainConfig
 from lmlab.hooks.manager import ExperimentHooks
-from lmlab.hooks.points import HookPoint
 from lmlab.hooks.registry import register
 from lmlab.model.adapters.custom import CustomTransformerAdapter
+from lmlab.model.points import HookPoint
 from lmlab.model.transformer import TransformerConfig
 from lmlab.train.optim import build_optimizer
 

@@ -33,7 +33,7 @@ from machine import describe  # noqa: E402
 
 from lmlab.config import load_config  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
-from lmlab.runs.manifest import read_metrics  # noqa: E402
+from lmlab.records import read_metrics  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -48,8 +48,8 @@ from nanogpt_reference import GPTConfig, NanoGPTTrainer  # noqa: E402
 from lmlab.config import from_dict  # noqa: E402
 from lmlab.data.dataset import load_prepared  # noqa: E402
 from lmlab.data.prepare import prepare  # noqa: E402
+from lmlab.device import fast_bf16  # noqa: E402
 from lmlab.eval.metrics import cross_entropy  # noqa: E402
-from lmlab.train.device import fast_bf16  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
 from lmlab.train.optim import set_lr  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy
 import torch
 
-from lmlab.train.device import fast_bf16
+from lmlab.device import fast_bf16
 
 
 def cpu_model() -> str:

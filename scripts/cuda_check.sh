@@ -85,7 +85,7 @@ for DT in $DTYPES; do
        --set "run.out_dir=$OUT" >"$WORK/train-$DT.log" 2>&1; then
     if "$PY" - "$OUT" "$DT" <<'EOF'
 import json, math, os, sys, pathlib, torch
-from lmlab.train.device import resolve_dtype
+from lmlab.device import resolve_dtype
 run = next(pathlib.Path(sys.argv[1]).iterdir())
 m = json.loads((run / "manifest.json").read_text())
 recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -118,7 +118,7 @@ then pass "sample (CLI)"; else fail "sample (CLI)"; cat "$WORK/sample.log"; fi
 if [ -n "$RUN" ] && timeout 180 "$PY" - "$RUN" <<'EOF'
 import os, sys, time, torch
 from lmlab.eval.sampling import generate
-from lmlab.train.checkpoint import load_adapter
+from lmlab.model.adapters import load_adapter
 dev = os.environ["DEV"]
 sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 adapter, _ = load_adapter(sys.argv[1])

@@ -19,9 +19,11 @@ from lmlab.runs.compare import add_compare
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.prepare import prepare
+    from lmlab.model.registry import load_tokenizer
 
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     meta = prepare(args.sources or ["shakespeare"], args.out, unknown=args.unknown,
-                   val_fraction=args.val_fraction, tokenizer=args.tokenizer)
+                   val_fraction=args.val_fraction, tokenizer=tokenizer)
     n = meta["normalisation"]
     print(f"Prepared {args.out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
           f"tokens ({meta['tokenizer']['kind']} tokenizer, vocab {meta['vocab_size']}), "
@@ -31,8 +33,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from lmlab import records as mf
     from lmlab.config import load_config, read_yaml, resolve_config_path
-    from lmlab.runs import manifest as mf
     from lmlab.train.loop import Trainer, config_for_resume
 
     if args.resume:
@@ -55,9 +57,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmlab.data.dataset import load_prepared
+    from lmlab.device import resolve_device
     from lmlab.eval.metrics import evaluate
-    from lmlab.train.checkpoint import load_adapter
-    from lmlab.train.device import resolve_device
+    from lmlab.model.adapters import load_adapter
 
     device = resolve_device(args.device)
     adapter, ckpt = load_adapter(args.checkpoint, device)
@@ -79,9 +81,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from lmlab.device import resolve_device
     from lmlab.eval.sampling import generate
-    from lmlab.train.checkpoint import load_adapter
-    from lmlab.train.device import resolve_device
+    from lmlab.model.adapters import load_adapter
 
     adapter, ckpt = load_adapter(args.checkpoint, resolve_device(args.device))
     adapter.block_size = ckpt["config"]["data"]["block_size"]
@@ -105,7 +107,7 @@ def cmd_runs(args: argparse.Namespace) -> None:
     elif args.runs_command == "show":
         run_dir = resolve_run(args.run, args.root)
         s = summary(run_dir)
-        from lmlab.runs.manifest import read_manifest
+        from lmlab.records import read_manifest
 
         m = read_manifest(run_dir)
         for key, value in s.items():

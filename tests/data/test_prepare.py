@@ -169,14 +169,10 @@ class FakeNativeTokenizer:
         return {"kind": "hf", "model_name": "fake"}
 
 
-def test_native_tokenizer_skips_ascii_policy(tmp_path, monkeypatch):
-    specs = []
-    monkeypatch.setattr(prepare_mod, "tokenizer_from_spec",
-                        lambda spec: specs.append(spec) or FakeNativeTokenizer())
+def test_native_tokenizer_skips_ascii_policy(tmp_path):
     text = "naïve café\r\n" * 300
     src = write(tmp_path / "c.txt", text.encode() + b"\xff")  # invalid UTF-8 at the end
-    meta = prepare([src], tmp_path / "out", tokenizer="fake")
-    assert specs == [{"kind": "hf", "model_name": "fake"}]
+    meta = prepare([src], tmp_path / "out", tokenizer=FakeNativeTokenizer())
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == {"kind": "hf", "model_name": "fake"}
     # CRLF -> LF, and the invalid byte decodes to one U+FFFD
     assert meta["train_chars"] + meta["val_chars"] == len(text) - 300 + 1
@@ -200,10 +196,9 @@ class FakeBatchTokenizer(FakeNativeTokenizer):
 
 def test_native_tokenizer_gets_long_text_in_newline_pieces(tmp_path, monkeypatch):
     tok = FakeBatchTokenizer()
-    monkeypatch.setattr(prepare_mod, "tokenizer_from_spec", lambda spec: tok)
     monkeypatch.setattr(prepare_mod, "NATIVE_PIECE_CHARS", 1000)
     text = "".join(f"line {i} é\n" for i in range(3000))
-    meta = prepare([write(tmp_path / "c.txt", text)], tmp_path / "out", tokenizer="fake")
+    meta = prepare([write(tmp_path / "c.txt", text)], tmp_path / "out", tokenizer=tok)
     assert tok.batches[0] > 10  # train went in many pieces, in one batch call
     data = load_prepared(tmp_path / "out")
     assert tok.decode(data.train.tolist()) + tok.decode(data.val.tolist()) == text

@@ -9,7 +9,7 @@ import pytest
 
 from lmlab.config import from_dict
 from lmlab.errors import LmlabError
-from lmlab.runs.manifest import read_manifest, read_metrics
+from lmlab.records import read_manifest, read_metrics
 from lmlab.train.loop import train
 
 from .conftest import tiny_config_dict

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.hooks.points import collect_hook_points
 from lmlab.model import registry
 from lmlab.model.adapters import adapter_class
+from lmlab.model.adapters.hf import HFKVCache
 from lmlab.model.adapters.llama import LlamaAdapter
 from lmlab.model.adapters.qwen import QwenAdapter
-from lmlab.model.hf import HFKVCache
 from lmlab.model.importer import import_model
+from lmlab.model.points import collect_hook_points
 from lmlab.model.transformer import Transformer, TransformerConfig
 
 from .conftest import make_hf_folder
@@ -221,11 +221,11 @@ def test_bf16_weights_load_as_float32_by_default(hf_folder_factory, models_root)
 
 
 def test_qwen_tokenizer_is_the_real_one(shared_root, monkeypatch) -> None:
-    from lmlab.data.tokenizer import tokenizer_from_spec
+    from lmlab.model.registry import load_tokenizer
 
     root, _ = shared_root
     monkeypatch.setenv("LMLAB_MODELS_DIR", str(root))
-    tok = tokenizer_from_spec({"kind": "hf", "model_name": "tiny-qwen2"})  # the prepare path
+    tok = load_tokenizer("tiny-qwen2")  # the prepare path
     assert tok.encode("Hello world") == [9707, 1879]  # Qwen's ids
     text = "ROMEO: But soft, what light through yonder window breaks?\n\tünï"
     assert tok.decode(tok.encode(text)) == text

@@ -25,14 +25,14 @@ TEXT = ("ROMEO: But soft, what light through yonder window breaks?\n"
 def test_finetune_resume_register(hf_folder_factory, models_root, tmp_path, monkeypatch) -> None:
     from lmlab.config import from_dict
     from lmlab.data.prepare import prepare
-    from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+    from lmlab.model.checkpoint import list_checkpoints, load_checkpoint
     from lmlab.train.loop import config_for_resume, train
 
     monkeypatch.chdir(tmp_path)
     import_model(str(hf_folder_factory("qwen2")), name="tiny-qwen", root=models_root)
     (tmp_path / "play.txt").write_text(TEXT)
-    meta = prepare([str(tmp_path / "play.txt")], tmp_path / "data", tokenizer="tiny-qwen",
-                   val_fraction=0.3)
+    meta = prepare([str(tmp_path / "play.txt")], tmp_path / "data",
+                   tokenizer=registry.load_tokenizer("tiny-qwen", models_root), val_fraction=0.3)
     assert meta["tokenizer"] == {"kind": "hf", "model_name": "tiny-qwen"}
 
     raw = {"run": {"name": "ft", "seed": 1, "out_dir": str(tmp_path / "runs")},
@@ -85,14 +85,14 @@ def test_fsdp_finetune_step_matches_one_process(hf_folder_factory, models_root, 
     windows, with a forward hook in force on both.
     """
     from lmlab.data.prepare import prepare
-    from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+    from lmlab.model.checkpoint import list_checkpoints, load_checkpoint
     from tests.train.test_distributed import B, T, _max_rel_diff, _params, _single, _torchrun
 
     monkeypatch.chdir(tmp_path)
     import_model(str(hf_folder_factory("qwen3")), name="tiny-qwen3", root=models_root)
     (tmp_path / "play.txt").write_text(TEXT)
-    prepare([str(tmp_path / "play.txt")], tmp_path / "data", tokenizer="tiny-qwen3",
-            val_fraction=0.3)
+    prepare([str(tmp_path / "play.txt")], tmp_path / "data",
+            tokenizer=registry.load_tokenizer("tiny-qwen3", models_root), val_fraction=0.3)
     raw = {"run": {"name": "fsdp", "seed": 3, "out_dir": str(tmp_path / "runs")},
            "data": {"path": str(tmp_path / "data"), "block_size": T},
            "model": {"model_name": "tiny-qwen3"},

@@ -158,7 +158,7 @@ def test_cached_hub_id_imports_offline(hf_folder_factory, tmp_path, monkeypatch)
 @pytest.fixture
 def finetuned_ckpt(hf_folder_factory, models_root, tmp_path):
     """A checkpoint of a 'fine-tuned' tiny Qwen2 (weights nudged), as the loop would write it."""
-    from lmlab.train.checkpoint import save_checkpoint
+    from lmlab.model.checkpoint import save_checkpoint
 
     import_model(str(hf_folder_factory("qwen2")), name="base", root=models_root)
     adapter = adapter_class("qwen2").from_registry(registry.resolve("base", models_root))
@@ -181,7 +181,7 @@ def test_register_checkpoint_and_lineage(finetuned_ckpt, models_root) -> None:
     with torch.no_grad():
         torch.testing.assert_close(ft1(idx), adapter(idx))
     assert ft1.meta["fine_tuned_from"] == "ft1"  # training it makes ft1 the parent
-    from lmlab.train.checkpoint import save_checkpoint
+    from lmlab.model.checkpoint import save_checkpoint
 
     p2 = save_checkpoint(path.parent / "ckpt_0000009.pt", ft1, step=9, config={})
     register_checkpoint(p2, "ft2", models_root)
@@ -214,9 +214,9 @@ def test_export_loads_with_plain_transformers(finetuned_ckpt, models_root, tmp_p
 
 def test_from_scratch_checkpoint_cannot_be_exported(tmp_path) -> None:
     from lmlab.model.adapters.custom import CustomTransformerAdapter
+    from lmlab.model.checkpoint import save_checkpoint
     from lmlab.model.export import export_checkpoint
     from lmlab.model.transformer import TransformerConfig
-    from lmlab.train.checkpoint import save_checkpoint
 
     a = CustomTransformerAdapter(TransformerConfig(n_layer=1, d_model=16, n_head=2, d_ff=32,
                                                    block_size=8))

@@ -48,7 +48,7 @@ from lmlab.config import from_dict
 from lmlab.data.batcher import RandomBatcher
 from lmlab.data.prepare import prepare
 from lmlab.errors import LmlabError
-from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.model.checkpoint import list_checkpoints, load_checkpoint
 from lmlab.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]

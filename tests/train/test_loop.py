@@ -15,8 +15,8 @@ import torch
 
 from lmlab.config import dump_yaml
 from lmlab.errors import LmlabError
-from lmlab.runs.manifest import read_manifest, read_metrics
-from lmlab.train.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.model.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.records import read_manifest, read_metrics
 from lmlab.train.loop import config_for_resume, train
 
 ROOT = Path(__file__).resolve().parents[2]

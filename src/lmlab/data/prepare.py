@@ -23,7 +23,7 @@ import numpy as np
 from lmlab.config import DataConfig
 from lmlab.data.normalize import CHUNK, check_policy, merge_reports, normalise
 from lmlab.data.sources import Document, read_sources
-from lmlab.data.tokenizer import BYTE_TO_ID, CharTokenizer, Tokenizer, tokenizer_from_spec
+from lmlab.data.tokenizer import BYTE_TO_ID, CharTokenizer, Tokenizer
 from lmlab.errors import LmlabError
 
 FORMAT = "lmlab-data"
@@ -37,7 +37,7 @@ def prepare(
     out: str | Path,
     unknown: str = "replace",
     val_fraction: float = 0.1,
-    tokenizer: str | None = None,
+    tokenizer: Tokenizer | None = None,
     replacement: str = "?",
 ) -> dict[str, Any]:
     """Build the corpus in `out` and return its meta.
@@ -64,7 +64,7 @@ def prepare(
         train_chars, val_chars = train.size, val.size
         dtype = token_dtype(tok.vocab_size)
     else:
-        tok = tokenizer_from_spec({"kind": "hf", "model_name": tokenizer})
+        tok = tokenizer
         train_text, val_text, report = _split_native(docs, val_fraction)
         train_ids, val_ids = _encode_native(tok, train_text), _encode_native(tok, val_text)
         train_chars, val_chars = len(train_text), len(val_text)

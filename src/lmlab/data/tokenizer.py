@@ -71,17 +71,3 @@ class CharTokenizer:
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "char", "chars": CHARS}
-
-
-def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
-    """Rebuild the tokenizer a prepared corpus or a checkpoint was made with."""
-    kind = spec.get("kind")
-    if kind == "char":
-        if spec.get("chars") != CHARS:
-            raise LmlabError("This data uses a different character vocabulary than this lmlab.")
-        return CharTokenizer()
-    if kind == "hf":
-        from lmlab.model.registry import load_tokenizer  # imported models only
-
-        return load_tokenizer(spec["model_name"])
-    raise LmlabError(f"Unknown tokenizer kind {kind!r}; lmlab knows 'char' and 'hf'.")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lmlab.data.batcher import eval_batches
 from lmlab.data.sequences import IGNORE_INDEX
-from lmlab.train.device import autocast
+from lmlab.device import autocast
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"

@@ -24,7 +24,7 @@ import torch
 
 from lmlab.config import HooksConfig, from_dict
 from lmlab.hooks.manager import ExperimentHooks
-from lmlab.hooks.points import match_points
+from lmlab.model.points import match_points
 
 
 def hooks_config(spec: HooksConfig | dict[str, Any] | None = None, **kinds: Any) -> HooksConfig:

@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from lmlab.hooks import registry
-from lmlab.hooks.points import summarise
+from lmlab.model.points import summarise
 
 KIND_HELP = {
     "forward": "change activations at a point: at: POINT-GLOB",

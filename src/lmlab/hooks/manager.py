@@ -22,7 +22,7 @@ from lmlab.config import HooksConfig
 from lmlab.errors import LmlabError
 from lmlab.hooks import registry
 from lmlab.hooks.plugins import load_plugin
-from lmlab.hooks.points import match_points
+from lmlab.model.points import match_points
 
 
 def _split_entry(kind: str, entry: dict, with_at: bool | None

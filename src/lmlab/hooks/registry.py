@@ -32,6 +32,7 @@ The four kinds and what their functions receive:
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import inspect
 import typing
 from collections.abc import Callable
@@ -153,5 +154,12 @@ def get(kind: str, name: str) -> HookSpec:
 
 
 def load_builtins() -> None:
-    """Import the modules whose decorators fill the registry (idempotent)."""
-    from lmlab.hooks import aux, backward, forward, update  # noqa: F401
+    """Import the modules whose decorators fill the registry (idempotent).
+
+    By name, as plugins are loaded: those modules import this one to register.
+    """
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+BUILTIN_MODULES = [f"lmlab.hooks.{m}" for m in ("forward", "backward", "update", "aux")]

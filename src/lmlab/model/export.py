@@ -53,8 +53,8 @@ def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | No
 def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False,
                       root: str | Path | None = None) -> Path:
     """Write the checkpoint's model, tokenizer and a model card to `out`; returns `out`."""
-    from lmlab.model.hf import HFCausalLMAdapter
-    from lmlab.train.checkpoint import load_adapter
+    from lmlab.model.adapters import load_adapter
+    from lmlab.model.adapters.hf import HFCausalLMAdapter
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:

@@ -58,8 +58,8 @@ def derive_name(source: str) -> str:
 
 def _supported_or_raise(model_type: str | None, what: str, architectures: Any = None) -> type:
     """The adapter class for `model_type`, or an error naming the architectures lmlab supports."""
-    from lmlab.model.adapters import adapter_class
-    from lmlab.model.hf import HFCausalLMAdapter, supported_architectures
+    from lmlab.model.adapters import adapter_class, supported_architectures
+    from lmlab.model.adapters.hf import HFCausalLMAdapter
 
     supported = supported_architectures()
     if model_type in supported:
@@ -227,7 +227,7 @@ def _plain_copy(model: Any, model_cls: type) -> Any:
 
 
 def _describe(model: Any, folder: Path) -> dict[str, Any]:
-    from lmlab.model.hf import dtype_name
+    from lmlab.model.adapters.hf import dtype_name
 
     return {
         "architecture": type(model).__name__,
@@ -363,8 +363,8 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
 def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | None = None
                         ) -> dict[str, Any]:
     """Make a fine-tuned checkpoint a registry model whose `fine_tuned_from` is its parent."""
-    from lmlab.model.hf import HFCausalLMAdapter
-    from lmlab.train.checkpoint import load_adapter
+    from lmlab.model.adapters import load_adapter
+    from lmlab.model.adapters.hf import HFCausalLMAdapter
 
     root = registry.models_root(root)
     registry.validate_name(name)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError, did_you_mean
+from lmlab.fileio import atomic_write_text
+from lmlab.model.tokenizers import load_hf_tokenizer
 
 REGISTRY_FILE = "registry.json"
 LOCK_FILE = ".registry.lock"
@@ -171,18 +173,8 @@ def locked(root: str | Path | None = None) -> Iterator[Path]:
 
 def _write(root: Path, models: dict[str, dict[str, Any]]) -> None:
     """Atomic replace of the registry file; the caller holds the lock."""
-    path = root / REGISTRY_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     data = {"format": FORMAT, "version": VERSION, "models": models}
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(root / REGISTRY_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def check_name_free(name: str, root: str | Path | None = None) -> None:
@@ -260,10 +252,8 @@ def weights_hash(folder: str | Path) -> str:
 def load_tokenizer(model_name: str, root: str | Path | None = None) -> Any:
     """The adapter-ready native tokenizer of a registered model (used by `prepare --tokenizer`).
 
-    Returns an `lmlab.model.hf.HFTokenizer`, which satisfies the Tokenizer protocol
+    Returns an `lmlab.model.tokenizers.HFTokenizer`, which satisfies the Tokenizer protocol
     and whose `spec()` names `model_name`, so prepared data remembers its tokenizer.
     """
-    from lmlab.model.hf import load_hf_tokenizer
-
     entry = resolve(model_name, root)
     return load_hf_tokenizer(entry["path"], model_name)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.hooks.points import HookPoint
+from lmlab.model.points import HookPoint
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 from lmlab.config import diff_configs
 from lmlab.errors import LmlabError
-from lmlab.runs.manifest import read_manifest, read_metrics
+from lmlab.records import read_manifest, read_metrics
 from lmlab.runs.store import format_table, resolve_run
 
 

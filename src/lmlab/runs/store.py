@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.runs.manifest import read_manifest, read_metrics
+from lmlab.records import read_manifest, read_metrics
 
 
 def find_runs(root: str | Path = "runs") -> list[Path]:

@@ -18,23 +18,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from lmlab import records as mf
 from lmlab.config import Config, diff_configs, dump_yaml, from_dict
 from lmlab.data.batcher import RandomBatcher
 from lmlab.data.dataset import load_prepared
+from lmlab.device import autocast, resolve_device, resolve_dtype
 from lmlab.errors import LmlabError
 from lmlab.eval.metrics import cross_entropy, evaluate
 from lmlab.eval.sampling import generate
 from lmlab.hooks.manager import ExperimentHooks
+from lmlab.model.adapters import adapter_from_checkpoint
 from lmlab.model.build import build_adapter
-from lmlab.runs import manifest as mf
+from lmlab.model.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints
 from lmlab.train import distributed
-from lmlab.train.checkpoint import (
-    adapter_from_checkpoint,
-    checkpoint_path,
-    load_checkpoint,
-    prune_checkpoints,
-)
-from lmlab.train.device import autocast, resolve_device, resolve_dtype
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lmlab.data.tokenizer import Tokenizer
-from lmlab.hooks.points import HookPoint, collect_hook_points
+from lmlab.model.checkpoint import save_checkpoint
+from lmlab.model.points import HookPoint, collect_hook_points
 
 
 class BaseAdapter(nn.Module):
@@ -69,13 +70,11 @@ class BaseAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_checkpoint(self, path: str | Path, **state: Any) -> Path:
-        from lmlab.train.checkpoint import save_checkpoint
-
         return save_checkpoint(path, self, **state)
 
     @staticmethod
     def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         """-> (adapter with the checkpoint's weights, the checkpoint dict)."""
-        from lmlab.train.checkpoint import load_adapter
+        from lmlab.model.adapters import load_adapter  # the package that knows every family
 
         return load_adapter(path, device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmlab.model.hf import HFCausalLMAdapter
+from lmlab.model.adapters.hf import HFCausalLMAdapter
 
 
 class QwenAdapter(HFCausalLMAdapter):

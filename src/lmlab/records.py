@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from lmlab.train.checkpoint import atomic_write_bytes
+from lmlab.fileio import atomic_write_json
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def new_run_id(name: str, config_hash: str, root: Path) -> str:
@@ -61,9 +61,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
+write_json = atomic_write_json
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any]:

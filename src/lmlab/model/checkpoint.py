@@ -8,7 +8,6 @@ the write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,29 +16,11 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.fileio import atomic_write_bytes
 
 FORMAT = "lmlab-checkpoint"
 VERSION = 1
 PREFIX, SUFFIX = "ckpt_", ".pt"
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call `write(file)` on a temp file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
@@ -113,28 +94,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         )
     ckpt["path"] = str(p)
     return ckpt
-
-
-def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> tuple[Any, dict]:
-    """Rebuild the adapter a checkpoint was made with, from the checkpoint alone."""
-    ckpt = load_checkpoint(path)
-    return adapter_from_checkpoint(ckpt).to(device), ckpt
-
-
-def adapter_from_checkpoint(ckpt: dict[str, Any]) -> Any:
-    """The adapter of an already loaded checkpoint, with its weights (on the CPU)."""
-    from lmlab.model.adapters import adapter_class
-
-    meta = ckpt["model_meta"]
-    adapter = adapter_class(meta["architecture_type"]).from_config(ckpt["model_config"], meta)
-    try:
-        adapter.network.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise LmlabError(
-            f"The weights in '{ckpt['path']}' do not fit the architecture it records: "
-            f"{str(e).splitlines()[0]}"
-        ) from None
-    return adapter
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

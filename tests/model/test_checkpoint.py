@@ -4,15 +4,15 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.model.adapters import load_adapter
 from lmlab.model.adapters.custom import CustomTransformerAdapter
-from lmlab.model.transformer import TransformerConfig
-from lmlab.train.checkpoint import (
-    load_adapter,
+from lmlab.model.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
+from lmlab.model.transformer import TransformerConfig
 
 
 def adapter() -> CustomTransformerAdapter:

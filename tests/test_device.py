@@ -13,8 +13,8 @@ import contextlib
 import pytest
 import torch
 
+from lmlab import device as dev
 from lmlab.errors import LmlabError
-from lmlab.train import device as dev
 from lmlab.train import distributed
 
 

@@ -14,8 +14,8 @@ A family adapter (one file in `model/adapters/`) names its `model_type`s and
 Hugging Face classes and, where the family differs, overrides a small method
 (Qwen3's per-head q/k norms are `_qk_norm`).
 
-Also here: the tokenizer wrapper (`HFTokenizer`), the KV cache wrapper
-(`HFKVCache`, around transformers' `DynamicCache`) and dtype helpers. Weights
+Also here: the KV cache wrapper (`HFKVCache`, around transformers'
+`DynamicCache`) and dtype helpers (the tokenizer is in `model/tokenizers.py`). Weights
 load in float32 unless the config asks otherwise, since transformers 5.x keeps a
 checkpoint's bf16 and CPU training wants float32.
 """
@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.hooks.points import HookPoint, collect_hook_points
 from lmlab.model.adapters.base import BaseAdapter
+from lmlab.model.points import HookPoint, collect_hook_points
+from lmlab.model.registry import model_dir, resolve
+from lmlab.model.tokenizers import HFTokenizer, load_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,60 +53,6 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# --- tokenizer ------------------------------------------------------------------------
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer behind lmlab's Tokenizer protocol.
-
-    `encode` adds no BOS/EOS: a corpus is tokenised in pieces and concatenated,
-    and a BOS in front of every piece would teach the model a false pattern.
-    `vocab_size` is `len(tokenizer)` (added tokens included), i.e. one past the
-    largest id the tokenizer can emit; the model's embedding may be larger.
-    """
-
-    def __init__(self, hf_tokenizer: Any, model_name: str | None) -> None:
-        self.hf = hf_tokenizer
-        self.model_name = model_name
-        self.vocab_size = len(hf_tokenizer)
-        self.eos_token_id = hf_tokenizer.eos_token_id
-        self.bos_token_id = hf_tokenizer.bos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False))
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts at once (the fast tokenizer parallelises this in Rust)."""
-        return [list(x) for x in self.hf(texts, add_special_tokens=False)["input_ids"]]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=False)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "hf", "model_name": self.model_name}
-
-    def save(self, folder: str | Path) -> None:
-        self.hf.save_pretrained(str(folder))
-
-
-def load_hf_tokenizer(folder: str | Path, model_name: str | None,
-                      trust_remote_code: bool = False, gguf_file: str | None = None
-                      ) -> HFTokenizer:
-    """The native tokenizer stored in a model folder (or inside a .gguf file)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code,
-                                            gguf_file=gguf_file)
-    except (OSError, ValueError) as e:
-        raise LmlabError(
-            f"No usable tokenizer in {folder} ({str(e).splitlines()[0][:200]}). An imported "
-            "model's folder must hold its tokenizer files (tokenizer.json or vocab/merges); "
-            "re-import the model with `python main.py import-model`."
-        ) from None
-    return HFTokenizer(tok, model_name)
 
 
 # --- KV cache -------------------------------------------------------------------------
@@ -254,8 +202,6 @@ class HFCausalLMAdapter(BaseAdapter):
     @classmethod
     def from_registry(cls, entry: dict[str, Any], model_cfg: Any = None) -> HFCausalLMAdapter:
         """Load a registered model to fine-tune it: checkpoints will name it as the parent."""
-        from lmlab.model.registry import model_dir
-
         name = entry["model_name"]
         if entry.get("architecture_type") not in cls.hf_classes:
             raise LmlabError(
@@ -303,8 +249,6 @@ class HFCausalLMAdapter(BaseAdapter):
             folder = self._tokenizer_folder
             name = self.meta.get("model_name")
             if folder is None:
-                from lmlab.model.registry import resolve
-
                 if not name:
                     raise LmlabError("This model records no model_name, so lmlab cannot find "
                                      "its tokenizer in the registry.")
@@ -427,23 +371,3 @@ class HFCausalLMAdapter(BaseAdapter):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
-
-
-def supported_architectures() -> dict[str, str]:
-    """model_type -> adapter class name, for every Hugging Face family lmlab has an adapter for."""
-    import importlib
-    import pkgutil
-
-    from lmlab.model import adapters
-
-    found: dict[str, str] = {}
-    for info in pkgutil.iter_modules(adapters.__path__):
-        if info.name == "base":
-            continue
-        module = importlib.import_module(f"{adapters.__name__}.{info.name}")
-        for obj in vars(module).values():
-            if (isinstance(obj, type) and issubclass(obj, HFCausalLMAdapter)
-                    and obj is not HFCausalLMAdapter):
-                for t in obj.architecture_types:
-                    found[t] = obj.__name__
-    return found
