@@ -27,6 +27,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "char-tiny"
 
 
+def added(default: Any) -> Any:
+    """A field added after configs were hashed: left out of the hash while at its default.
+
+    So every existing config keeps its hash, and a checkpoint saved before the
+    key existed resumes (its absent key reads as the default).
+    """
+    return field(default=default, metadata={"added": True})
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -51,6 +60,15 @@ class ModelConfig:
     bias: bool = False
     pos_encoding: Literal["learned", "sinusoidal", "rotary"] = "learned"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the speedrun knobs (README "Time to quality"); defaults are nanoGPT's model
+    norm: Literal["layernorm", "rmsnorm"] = added("layernorm")
+    mlp: Literal["gelu", "relu2", "swiglu"] = added("gelu")
+    qk_norm: bool = added(False)
+    tie_embeddings: bool = added(True)
+    logit_softcap: float | None = added(None)
+    zero_init_proj: bool = added(False)
+    value_embed: bool = added(False)
+    embed_skip: bool = added(False)
 
 
 @dataclass
@@ -61,8 +79,11 @@ class TrainConfig:
     lr: float = 1.0e-3
     min_lr: float = 1.0e-4
     warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = added(0.2)  # wsd: the last fraction of training decays to min_lr
+    time_budget_s: float | None = added(None)  # stop by training wall time; drives the schedule
     optimizer: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
+    muon_lr: float | None = added(None)  # lr of Muon's matrices (null: train.lr)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -102,7 +123,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return config_hash(self.to_dict())
+        return config_hash(_hashed(self))
 
     def base_hash(self) -> str:
         """Hash of the set-up without hooks: runs with equal base hashes are comparable.
@@ -111,7 +132,7 @@ class Config:
         often to log, evaluate or save) is left out too, so a baseline and an
         experiment named differently still compare.
         """
-        d = self.to_dict()
+        d = _hashed(self)
         d.pop("hooks")
         for section, key in BOOKKEEPING:
             d[section].pop(key)
@@ -122,6 +143,26 @@ BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
                ("train", "parallel")]
+
+
+def _hashed(cfg: Config) -> dict[str, Any]:
+    """The config as hashed: added fields at their defaults left out (see `added`)."""
+    d = cfg.to_dict()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            if f.metadata.get("added") and d[section.name][f.name] == f.default:
+                del d[section.name][f.name]
+    return d
+
+
+def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict with keys added since it was saved filled in at their defaults."""
+    out = copy.deepcopy(raw)
+    for section, values in Config().to_dict().items():
+        if isinstance(out.get(section), dict) and isinstance(values, dict):
+            for key, value in values.items():
+                out[section].setdefault(key, value)
+    return out
 
 
 def config_hash(d: dict[str, Any]) -> str:
@@ -242,6 +283,17 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
+    for key, value in {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
+                       "train.time_budget_s": t.time_budget_s}.items():
+        if value is not None and value <= 0:
+            raise LmlabError(f"Config value {key} = {value} must be positive (or null).")
+    if not 0.0 <= t.decay_fraction <= 1.0:
+        raise LmlabError(f"train.decay_fraction = {t.decay_fraction} must be in [0, 1].")
+    if m.model_name is not None:
+        for f in dataclasses.fields(m):
+            if f.metadata.get("added") and getattr(m, f.name) != f.default:
+                raise LmlabError(f"model.{f.name} shapes the from-scratch model only; "
+                                 f"{m.model_name} is pretrained: leave it at {f.default!r}.")
     if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "

@@ -5,7 +5,7 @@ import torch
 from lmlab.config import TrainConfig
 from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.transformer import TransformerConfig
-from lmlab.train.optim import build_optimizer, lr_multiplier, param_groups
+from lmlab.train.optim import build_optimizer, lr_multiplier, param_groups, set_lr
 
 
 def adapter() -> CustomTransformerAdapter:
@@ -51,3 +51,50 @@ def test_every_optimizer_trains_and_round_trips_its_state():
         state = opt.state_dict()
         opt2 = build_optimizer(a, TrainConfig(optimizer=name, lr=1e-2), torch.device("cpu"))
         opt2.load_state_dict(state)
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_to_min_lr():
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="wsd",
+                    decay_fraction=0.2)
+    f = lr_multiplier(t)
+    assert math.isclose(f(0), 0.1) and math.isclose(f(9), 1.0)
+    assert f(10) == f(50) == f(90) == 1.0  # stable until 80% of the post-warm-up steps
+    assert math.isclose(f(100), 0.55, rel_tol=1e-6)  # halfway down the decay
+    assert math.isclose(f(110), 0.1) and math.isclose(f(500), 0.1)
+
+
+def test_time_fraction_drives_the_schedule_past_warmup():
+    t = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=10 ** 9, schedule="wsd",
+                    decay_fraction=0.5)
+    f = lr_multiplier(t)
+    assert math.isclose(f(3, 0.9), 0.4)  # warm-up still counts steps
+    assert f(20, 0.25) == 1.0 and math.isclose(f(20, 0.75), 0.5) and f(20, 1.2) == 0.0
+    cos = lr_multiplier(TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10 ** 9))
+    assert math.isclose(cos(5, 0.5), 0.5, rel_tol=1e-9)
+
+
+def test_muon_lr_is_its_own_and_survives_a_state_round_trip():
+    torch.manual_seed(0)
+    a = CustomTransformerAdapter(TransformerConfig(block_size=16, n_layer=1, n_head=2,
+                                                   d_model=16, d_ff=32, tie_embeddings=False))
+    t = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=2e-2)
+    opt = build_optimizer(a, t, torch.device("cpu"))
+    muon, adam = opt.optimizers
+    head = a.network.lm_head.weight
+    assert all(p is not head for p in muon.param_groups[0]["params"])  # the head stays on AdamW
+    assert any(p is head for g in adam.param_groups for p in g["params"])
+    set_lr(opt, 0.5e-3)
+    assert muon.param_groups[0]["lr"] == 1e-2
+    assert {g["lr"] for g in adam.param_groups} == {0.5e-3}
+    opt2 = build_optimizer(a, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=4e-2),
+                           torch.device("cpu"))
+    opt2.load_state_dict(opt.state_dict())  # the new config's ratio wins; groups stay live
+    set_lr(opt2, 1e-3)
+    assert opt2.optimizers[0].param_groups[0]["lr"] == 4e-2
+    assert opt2.param_groups[0] is opt2.optimizers[0].param_groups[0]
+
+
+def test_default_muon_uses_train_lr_for_every_group():
+    opt = build_optimizer(adapter(), TrainConfig(optimizer="muon", lr=3e-3), torch.device("cpu"))
+    set_lr(opt, 3e-3)
+    assert {g["lr"] for g in opt.param_groups} == {3e-3}

@@ -5,6 +5,11 @@ LM head tied to the token embedding, in the manner of nanoGPT. Every place an
 experiment may touch is a `HookPoint` named as TransformerLens names it. The
 fused attention kernel is used unless the scores or the pattern are hooked,
 since only then must they exist as tensors.
+
+The speedrun knobs (modded-nanogpt's) are config fields whose defaults give
+nanoGPT's model exactly: RMSNorm, ReLU^2 or SwiGLU MLPs, QK-norm, an untied
+head, logit soft-capping, zero-initialised output projections, value
+embeddings and a skip from the embedding into every block.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ class TransformerConfig:
     dropout: float = 0.0
     bias: bool = False
     pos_encoding: str = "learned"  # learned | sinusoidal | rotary
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | relu2 | swiglu (fc then holds gate and up: 2 x d_ff outputs)
+    qk_norm: bool = False  # RMSNorm of q and k per head, before rotary
+    tie_embeddings: bool = True
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    zero_init_proj: bool = False  # output projections (and an untied head) start at zero
+    value_embed: bool = False  # a per-layer token embedding added to the values
+    embed_skip: bool = False  # each block adds a learned multiple of the embedding
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,12 +107,18 @@ class Attention(nn.Module):
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B,T,H,hd]
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B,H,Tq,Tk]
         self.hook_z = HookPoint()  # [B,T,H,hd]
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
 
     def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+                layer: int, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        if ve is not None:
+            v = v + ve.view_as(v)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,hd]
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
@@ -130,40 +149,70 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.kind = cfg.mlp
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # hook_post: the activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.hook_post(F.gelu(self.hook_pre(self.fc(x)))))
+        h = self.hook_pre(self.fc(x))
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        elif self.kind == "relu2":
+            a = F.relu(h).square()
+        else:
+            a = F.gelu(h)
+        return self.proj(self.hook_post(a))
+
+
+class Norm(nn.Module):
+    """LayerNorm (nn.LayerNorm's parameters and arithmetic) or RMSNorm, by config."""
+
+    def __init__(self, d: int, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.rms = cfg.norm == "rmsnorm"
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if cfg.bias and not self.rms else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_1 = Norm(cfg.d_model, cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_2 = Norm(cfg.d_model, cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.embed_skip:
+            self.skip = nn.Parameter(torch.zeros(1))
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_resid_post = HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+                layer: int, x0: torch.Tensor | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        if x0 is not None:
+            x = x + self.skip * x0
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln_1(x), rotary, cache, layer)))
+        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln_1(x), rotary, cache, layer, ve)))
         x = self.hook_resid_mid(x + attn_out)
         mlp_out = self.hook_mlp_out(self.drop(self.mlp(self.ln_2(x))))
         return self.hook_resid_post(x + mlp_out)
 
 
-class FinalNorm(nn.LayerNorm):
-    """LayerNorm with the `ln_final.hook_normalized` point on its output."""
+class FinalNorm(Norm):
+    """The final norm with the `ln_final.hook_normalized` point on its output."""
 
-    def __init__(self, d: int, bias: bool) -> None:
-        super().__init__(d, bias=bias)
+    def __init__(self, d: int, cfg: TransformerConfig) -> None:
+        super().__init__(d, cfg)
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,15 +231,23 @@ class Transformer(nn.Module):
                                  persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_final = FinalNorm(cfg.d_model, cfg.bias)
+        self.ln_final = FinalNorm(cfg.d_model, cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.value_embed:
+            self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model)
+                                              for _ in range(cfg.n_layer))
         self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
         self.hook_logits = HookPoint()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init_proj:  # blocks start as the identity; an untied head predicts uniform
+            for name, p in self.named_parameters():  # (a tied head is wte, so not listed)
+                if name.endswith("proj.weight") or name == "lm_head.weight":
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -215,12 +272,16 @@ class Transformer(nn.Module):
                 raise ValueError(f"{start + T} positions exceed block_size {self.cfg.block_size}")
             table = self.wpe.weight if self.cfg.pos_encoding == "learned" else self.sinusoid
             x = x + self.hook_pos_embed(table[start:start + T])
-        x = self.drop(x)
+        x = x0 = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, i)
+            ve = self.value_embeds[i](idx) if self.cfg.value_embed else None
+            x = block(x, rotary, cache, i, x0 if self.cfg.embed_skip else None, ve)
         if cache is not None:
             cache.pos += T
-        return self.hook_logits(self.lm_head(self.ln_final(x)))
+        logits = self.lm_head(self.ln_final(x))
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return self.hook_logits(logits)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = self.cfg
@@ -228,7 +289,7 @@ class Transformer(nn.Module):
                        device=device, dtype=dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         if non_embedding and self.cfg.pos_encoding == "learned":
             n -= self.wpe.weight.numel()
         return n

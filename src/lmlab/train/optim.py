@@ -48,9 +48,13 @@ class Combined(torch.optim.Optimizer):
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
         self.defaults = {}
         self.state = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read through: load_state_dict gives each optimizer new group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure: Callable | None = None):
         for o in self.optimizers:
@@ -64,8 +68,11 @@ class Combined(torch.optim.Optimizer):
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state: dict) -> None:
+        ratios = [g.get("lr_ratio", 1.0) for g in self.param_groups]  # this config's, not saved
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
+        for g, r in zip(self.param_groups, ratios, strict=True):
+            g["lr_ratio"] = r
 
 
 def param_groups(adapter: nn.Module, weight_decay: float) -> list[dict]:
@@ -91,27 +98,43 @@ def build_optimizer(adapter: nn.Module, t: TrainConfig, device: torch.device
     if t.optimizer == "lion":
         return Lion(groups, lr=t.lr, betas=betas)
     if t.optimizer == "muon":
-        # Muon orthogonalises 2-D updates; embeddings and the tied head stay on AdamW
-        matrices = [p for p in groups[0]["params"] if p.dim() == 2]
-        rest = [p for p in groups[0]["params"] if p.dim() != 2]
+        # Muon orthogonalises hidden 2-D updates; embeddings and the head stay on AdamW
+        head = {id(p) for n, p in adapter.network.named_parameters() if "lm_head" in n}
+        matrices = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in head]
+        rest = [p for p in groups[0]["params"] if p.dim() != 2 or id(p) in head]
         adam = torch.optim.AdamW([{"params": rest, "weight_decay": t.weight_decay},
                                   groups[1]], lr=t.lr, betas=betas)
-        muon = torch.optim.Muon(matrices, lr=t.lr, weight_decay=t.weight_decay,
+        muon_lr = t.muon_lr or t.lr
+        muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum, adjust_lr_fn="match_rms_adamw")
+        muon.param_groups[0]["lr_ratio"] = muon_lr / t.lr
         return Combined([muon, adam])
     raise LmlabError(f"Unknown optimizer '{t.optimizer}'. Choices: adamw, sgd, lion, muon.")
 
 
-def lr_multiplier(t: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine or linear decay to min_lr (as a multiplier of lr)."""
+def lr_multiplier(t: TrainConfig) -> Callable[..., float]:
+    """Linear warmup, then cosine, linear or warmup-stable-decay to min_lr (a multiplier of lr).
+
+    Progress is the fraction of steps done after warm-up, or, under a time
+    budget, the `fraction` of the budget used, so the decay ends when time does.
+    WSD holds the peak lr and decays linearly over the last `decay_fraction`.
+    """
     floor = t.min_lr / t.lr
 
-    def fn(step: int) -> float:
+    def fn(step: int, fraction: float | None = None) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if fraction is None:
+            progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        else:
+            progress = min(1.0, max(0.0, fraction))
+        if t.schedule == "wsd":
+            stable = 1.0 - t.decay_fraction
+            if progress <= stable:
+                return 1.0
+            return floor + (1 - floor) * (1 - (progress - stable) / t.decay_fraction)
         if t.schedule == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -120,6 +143,9 @@ def lr_multiplier(t: TrainConfig) -> Callable[[int], float]:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule is a pure function of the step, so resuming needs no scheduler state."""
+    """The schedule is a pure function of the step, so resuming needs no scheduler state.
+
+    A group with an `lr_ratio` (Muon's, when train.muon_lr is set) gets lr x that ratio.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
