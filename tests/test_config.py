@@ -94,3 +94,29 @@ def test_base_hash_ignores_bookkeeping_but_not_the_setup():
                    "train": {"eval_every": 7, "log_every": 3, "parallel": "fsdp"}})
     assert a.base_hash() == b.base_hash() and a.hash() != b.hash()
     assert a.base_hash() != from_dict({"run": {"seed": 2}}).base_hash()
+
+
+def test_added_knobs_keep_old_hashes_and_old_checkpoints_resume():
+    """Keys added for issue 13 are out of the hash at their defaults; absent reads as default."""
+    from lmlab.config import with_defaults
+
+    cfg = from_dict({})
+    assert (cfg.hash(), cfg.base_hash()) == ("5470deafca8af650", "7482090e04f92202")  # as before
+    saved = cfg.to_dict()
+    for section, key in [("model", "norm"), ("model", "qk_norm"), ("train", "muon_lr"),
+                         ("train", "time_budget_s"), ("train", "decay_fraction")]:
+        del saved[section][key]  # a checkpoint written before the keys existed
+    assert diff_configs(with_defaults(saved), cfg.to_dict()) == []
+    knob = from_dict({"model": {"norm": "rmsnorm"}})
+    assert knob.hash() != cfg.hash()
+    assert diff_configs(with_defaults(saved), knob.to_dict()) == [
+        "model.norm: 'layernorm' -> 'rmsnorm'"]
+
+
+def test_model_knobs_are_refused_for_pretrained_models_and_bad_values_named():
+    with pytest.raises(LmlabError, match="model.mlp shapes the from-scratch model only"):
+        from_dict({"model": {"model_name": "smollm2-135m", "mlp": "relu2"}})
+    with pytest.raises(LmlabError, match="train.time_budget_s = -1"):
+        from_dict({"train": {"time_budget_s": -1}})
+    with pytest.raises(LmlabError, match="train.decay_fraction"):
+        from_dict({"train": {"decay_fraction": 1.5}})
