@@ -24,6 +24,7 @@ machine compare them with that in mind.
 
     .venv/bin/python benchmarks/bench_time_to_loss.py                  # 3 x 600 s
     .venv/bin/python benchmarks/bench_time_to_loss.py --budget-s 150   # 3 x 150 s
+    .venv/bin/python benchmarks/bench_time_to_loss.py --dtype float32  # fp32 where auto is bf16
     .venv/bin/python benchmarks/bench_time_to_loss.py --only char-speedrun --budget-s 160
 """
 
@@ -55,7 +56,7 @@ from lmlab.eval.metrics import evaluate  # noqa: E402
 from lmlab.records import read_metrics  # noqa: E402
 from lmlab.train.loop import Trainer  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"  # from /work/main
 THRESHOLDS = (2.0, 1.8, 1.7, 1.6, 1.5)
 EVAL_TOKENS = 40_960  # the val subset scored during training, per recipe
 EVALS = 20  # evaluations per budget
@@ -103,16 +104,15 @@ def run_nanogpt(data: Path, budget: float, threads: int | None) -> dict:
     def val(windows: int | None) -> float:
         return evaluate(model, prepared.val, T, B, device, "float32", windows)["val_loss"]
 
+    eval_every = max(1, int(budget / EVALS / per_step))  # as the lmlab recipes: by steps
     curve, step, t0 = [], 0, time.perf_counter()
     curve.append((0, 0.0, val(EVAL_TOKENS // T)))
-    next_eval = budget / EVALS
-    while (clock := time.perf_counter() - t0) < budget:
+    while time.perf_counter() - t0 < budget:
         ref.step(lr=get_lr(step))
         step += 1
         clock = time.perf_counter() - t0
-        if clock >= next_eval or clock >= budget:
+        if step % eval_every == 0 or clock >= budget:
             curve.append((step, clock, val(EVAL_TOKENS // T)))
-            next_eval += budget / EVALS
     return {"curve": curve, "steps": step, "tokens": step * B * T, "final": val(None),
             "dtype": "float32", "note": f"cosine over {horizon} steps"}
 
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=600.0, help="wall budget per recipe")
     p.add_argument("--only", default=",".join(RECIPES), help="comma-separated recipes to run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="train.dtype of the lmlab recipes (nanoGPT runs fp32, as it does on CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for char-speedrun (repeatable)")
     args = p.parse_args(argv)
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(describe())
     auto = resolve_dtype("auto", torch.device("cpu"))
-    print(f"dtype auto picks {auto} here" + ("" if auto == "bfloat16" else
-          "; the bf16 table was not measured (no fast bf16 on this CPU)"))
+    print(f"dtype auto picks {auto} here; lmlab recipes run --dtype {args.dtype}" +
+          ("" if auto == "bfloat16" else " (no fast bf16 on this CPU: bf16 not measured)"))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -186,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "nanogpt":
                 r = run_nanogpt(data, args.budget_s, args.threads)
             else:
+                sets = [f"train.dtype={args.dtype}"]
                 r = run_lmlab(name, data, args.budget_s, args.threads, Path(tmp) / "runs",
-                              args.set if name == "char-speedrun" else [])
+                              sets + (args.set if name == "char-speedrun" else []))
             r["load"] = (before, os.getloadavg()[0])
             results[name] = r
             print(f"{name}: {r['note']}, {r['dtype']}; curve (step, s, subset val loss): " +
