@@ -137,10 +137,13 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser(
-        "export", help="write a fine-tuned checkpoint as a Hugging Face folder",
-        description="Write a fine-tuned checkpoint of an imported model as a Hugging Face "
-        "folder (config.json, model.safetensors, tokenizer files, README.md model card naming "
-        "the base model) that AutoModelForCausalLM and AutoTokenizer load without lmlab.")
+        "export", help="write a checkpoint as a Hugging Face folder",
+        description="Write a checkpoint as a Hugging Face folder (config.json, "
+        "model.safetensors, tokenizer files, README.md model card) that AutoModelForCausalLM "
+        "and AutoTokenizer load without lmlab. A fine-tune of an imported model keeps its "
+        "architecture and names its base model; a from-scratch character model becomes GPT-2 "
+        "(exact GELU, learned or sinusoidal positions; rotary is refused) with a "
+        "character-level tokenizer of the same 97 ids.")
     s.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run folder (its latest checkpoint)")
     s.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
