@@ -121,12 +121,12 @@ def add_commands(sub: Any) -> None:
                   "dtype, source, parent and source id.")
     m = ms.add_parser("show", help="every field of one model's entry",
                       description="Every field of one registry entry.")
-    m.add_argument("name", metavar="NAME")
+    m.add_argument("name", metavar="NAME", help="a registered model_name")
     m.add_argument("--json", action="store_true", help="print the entry as JSON")
     m = ms.add_parser("lineage", help="the chain of fine_tuned_from back to the imported base",
                       description="Follow fine_tuned_from from NAME back to the imported "
                       "base model.")
-    m.add_argument("name", metavar="NAME")
+    m.add_argument("name", metavar="NAME", help="a registered model_name")
     m = ms.add_parser("register", help="make a fine-tuned checkpoint a registry model",
                       description="Save a fine-tuned checkpoint's weights and tokenizer as "
                       "models/NAME/ and register it with fine_tuned_from set to the model it "
