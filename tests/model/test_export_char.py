@@ -24,6 +24,15 @@ from lmlab.model.transformer import TransformerConfig
 PROMPT = "KING:\nWhat light"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def checkpoint(folder: Path, **model) -> Path:
     """A tiny char model with every weight (biases, norms) moved well off its init, saved."""
     torch.manual_seed(0)
