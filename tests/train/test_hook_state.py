@@ -132,3 +132,24 @@ def test_state_that_would_not_load_safely_is_refused(straight):
     with hooked(adapter, update=[{"name": "holds_a_generator"}]) as h:
         with pytest.raises(LmlabError, match="holds a Generator"):
             h.state_dict()
+
+
+def test_record_goes_on_numbering_after_a_restore(tmp_path):
+    """A resumed `record` adds files after the saved ones, never over them, and keeps its bound."""
+    from lmlab.model.adapters.custom import CustomTransformerAdapter
+    from lmlab.model.transformer import TransformerConfig
+
+    adapter = CustomTransformerAdapter(TransformerConfig(block_size=8, n_layer=1, n_head=1,
+                                                         d_model=8, d_ff=16))
+    spec = {"forward": [{"name": "record", "at": "hook_embed", "dir": str(tmp_path),
+                         "max_records": 3}]}
+    idx = torch.zeros(1, 8, dtype=torch.long)
+    with hooked(adapter, spec) as h:
+        adapter(idx), adapter(idx)
+        state = h.state_dict()
+    assert state == {"forward.0.record": {"calls": {"hook_embed": 2}, "saved": {"hook_embed": 2}}}
+    with hooked(adapter, spec) as h:  # as after a resume: fresh objects, state loaded
+        h.load_state_dict(state)
+        adapter(idx), adapter(idx)
+    assert sorted(p.name for p in (tmp_path / "hook_embed").iterdir()) == [
+        "00000.safetensors", "00001.safetensors", "00002.safetensors"]
