@@ -41,6 +41,7 @@ def checkpoint(folder: Path, **model) -> Path:
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+    folder.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(folder / "ckpt_0000001.pt", adapter, step=1,
                            config={"data": {"block_size": 32}})
 
@@ -97,3 +98,18 @@ def test_rotary_with_biases_is_refused_and_nothing_written(tmp_path):
                                          "pos_encoding learned or sinusoidal"):
         export_checkpoint(run, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_transformerlens_opens_the_export(tmp_path):
+    """TL boots the folder like any HF model; its logits are ours up to TL's own rounding."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    for pos in ("learned", "rotary"):
+        ckpt = checkpoint(tmp_path / pos, pos_encoding=pos)
+        out = export_checkpoint(ckpt, tmp_path / pos / "hf")
+        bridge = TransformerBridge.boot_transformers(str(out), device="cpu")
+        adapter, _ = load_adapter(ckpt)
+        idx = torch.randint(0, len(CHARS), (2, 32), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(bridge(idx), adapter.eval()(idx), atol=1e-4, rtol=1e-4)
