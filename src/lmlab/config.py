@@ -84,6 +84,8 @@ class TrainConfig:
     time_budget_s: float | None = added(None)  # stop by training wall time; drives the schedule
     optimizer: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
     muon_lr: float | None = added(None)  # lr of Muon's matrices (null: train.lr)
+    # Muon's Newton-Schulz in bf16 (torch's), fp32, or auto: bf16 only where it is fast
+    muon_ns_dtype: Literal["bfloat16", "float32", "auto"] = added("bfloat16")
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99

@@ -121,3 +121,31 @@ def test_default_muon_uses_train_lr_for_every_group():
     opt = build_optimizer(adapter(), TrainConfig(optimizer="muon", lr=3e-3), torch.device("cpu"))
     set_lr(opt, 3e-3)
     assert {g["lr"] for g in opt.param_groups} == {3e-3}
+
+
+def test_fp32_newton_schulz_muon_matches_torchs_bf16_muon():
+    """muon_ns_dtype=float32: torch's update (up to bf16 rounding) without bf16 matmuls."""
+    from lmlab.train.optim import Fp32Muon
+
+    torch.manual_seed(0)
+    a = adapter()
+    x = torch.randint(0, 97, (2, 16))
+    opts = {}
+    for ns in ("bfloat16", "float32"):
+        b = copy.deepcopy(a)
+        opts[ns] = (b, build_optimizer(b, TrainConfig(optimizer="muon", lr=1e-2, muon_ns_dtype=ns),
+                                       torch.device("cpu")))
+    assert type(opts["float32"][1].optimizers[0]) is Fp32Muon
+    assert type(opts["bfloat16"][1].optimizers[0]) is torch.optim.Muon
+    for b, opt in opts.values():
+        _step(b, opt, x)
+    (b16, o16), (b32, o32) = opts["bfloat16"], opts["float32"]
+    moved = 0
+    for (n, p16), p32, p0 in zip(b16.network.named_parameters(), b32.network.parameters(),
+                                 a.network.parameters(), strict=True):
+        d16, d32 = p16 - p0, p32 - p0
+        if p0.dim() == 2 and n not in ("wte.weight", "wpe.weight"):
+            moved += 1
+            assert (d32 - d16).norm() < 0.15 * d16.norm(), n  # NS amplifies bf16 rounding
+    assert moved == 4
+    o32.load_state_dict(o16.state_dict())  # the same state: a run can switch

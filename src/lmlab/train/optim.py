@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmlab.config import TrainConfig
+from lmlab.device import fast_bf16
 from lmlab.errors import LmlabError
 
 
@@ -40,6 +41,40 @@ class Lion(torch.optim.Optimizer):
                 update = m.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
                 p.add_(update, alpha=-group["lr"])
                 m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+class Fp32Muon(torch.optim.Muon):
+    """torch's Muon with its Newton-Schulz iteration in float32 instead of bfloat16.
+
+    torch casts the update to bf16 for the iteration, which CPUs without
+    AVX512-BF16/AMX emulate about 100x slower than fp32: there the iteration
+    would cost more than the forward and backward passes. The maths is torch's.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            a, b, c = group["ns_coefficients"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                x = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                x = x.float().T if x.size(0) > x.size(1) else x.float()
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                x = x.T if p.size(0) > p.size(1) else x
+                scale = 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))  # match_rms_adamw
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x.to(p.dtype), alpha=-group["lr"] * scale)
         return loss
 
 
@@ -105,8 +140,11 @@ def build_optimizer(adapter: nn.Module, t: TrainConfig, device: torch.device
         adam = torch.optim.AdamW([{"params": rest, "weight_decay": t.weight_decay},
                                   groups[1]], lr=t.lr, betas=betas)
         muon_lr = t.muon_lr or t.lr
-        muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=t.weight_decay,
-                                momentum=t.momentum, adjust_lr_fn="match_rms_adamw")
+        fp32 = t.muon_ns_dtype == "float32" or (t.muon_ns_dtype == "auto"
+                                                 and not fast_bf16(device))
+        muon = (Fp32Muon if fp32 else torch.optim.Muon)(
+            matrices, lr=muon_lr, weight_decay=t.weight_decay, momentum=t.momentum,
+            adjust_lr_fn="match_rms_adamw")
         muon.param_groups[0]["lr_ratio"] = muon_lr / t.lr
         return Combined([muon, adam])
     raise LmlabError(f"Unknown optimizer '{t.optimizer}'. Choices: adamw, sgd, lion, muon.")
