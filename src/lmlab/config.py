@@ -32,6 +32,7 @@ class RunConfig:
     name: str = "run"
     seed: int = 1337
     out_dir: str = "runs"
+    tensorboard: bool = True  # event files in runs/<run_id>/tb/
 
 
 @dataclass
@@ -91,18 +92,31 @@ class HooksConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    """What to measure of the learning dynamics, every `every` steps (0: never)."""
+
+    every: int = 0
+    params: bool = True  # per tensor: grad norm, weight norm, update norm / weight norm
+    activations: list[str] = field(default_factory=list)  # globs of hook points
+    attention: bool = True  # entropy per layer and head
+    logits: bool = True  # max logit, mean logsumexp
+    histograms: bool = False  # weights and gradients, to TensorBoard
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return config_hash(self.to_dict())
+        return config_hash(_without_later_defaults(self.to_dict()))
 
     def base_hash(self) -> str:
         """Hash of the set-up without hooks: runs with equal base hashes are comparable.
@@ -113,6 +127,7 @@ class Config:
         """
         d = self.to_dict()
         d.pop("hooks")
+        d.pop("telemetry")  # it measures what is learned, and changes none of it
         for section, key in BOOKKEEPING:
             d[section].pop(key)
         return config_hash(d)
@@ -121,7 +136,33 @@ class Config:
 BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
-               ("train", "parallel")]
+               ("train", "parallel"), ("run", "tensorboard")]
+
+# Keys added after runs were first hashed: left out of the hash while at their defaults,
+# so every earlier config keeps the hash (and run id) it had. (section, None) is a section.
+ADDED_LATER = [("run", "tensorboard"), ("telemetry", None)]
+
+
+def _without_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    default = Config().to_dict()
+    for section, key in ADDED_LATER:
+        if key is None and d.get(section) == default[section]:
+            d.pop(section)
+        elif key is not None and d[section].get(key) == default[section][key]:
+            d[section].pop(key)
+    return d
+
+
+def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with keys added since it was written filled in at their defaults,
+    so comparing it with today's config shows only real differences."""
+    out = Config().to_dict()
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **values}
+        else:
+            out[section] = values
+    return out
 
 
 def config_hash(d: dict[str, Any]) -> str:
@@ -242,6 +283,9 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
+    if cfg.telemetry.every < 0:
+        raise LmlabError(f"telemetry.every = {cfg.telemetry.every} must be 0 (off) or a "
+                         "positive number of steps between measurements.")
     if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "

@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,43 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, appended and flushed as it happens."""
+    """`metrics.jsonl`: one JSON object per line, appended and flushed as it happens.
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
+    `mirror`, if given, is called with every record written (TensorBoard's
+    writer), so another view of the run can never hold other numbers.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True,
+                 mirror: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.enabled, self.mirror = path, enabled, mirror
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.mirror is not None:
+            self.mirror(record)
+
+
+NOT_METRICS = ("kind", "step", "time", "name")
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one record under their names: `train/loss`, `eval/val_bpc`, `aux/z_loss`,
+    and telemetry's own names (`grad_norm/blocks.0.mlp.fc.weight`, `logits_max`), as is.
+
+    The one naming of recorded metrics, shared by TensorBoard tags and `runs plot`.
+    """
+    kind = record.get("kind", "")
+    if kind == "aux":
+        return {f"aux/{record['name']}": float(record["value"])}
+    out = {}
+    for key, value in record.items():
+        if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        out[key if kind == "telemetry" else f"{kind}/{key}"] = float(value)
+    return out
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

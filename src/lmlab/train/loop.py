@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from lmlab import records as mf
-from lmlab.config import Config, diff_configs, dump_yaml, from_dict
+from lmlab.config import Config, diff_configs, dump_yaml, from_dict, with_defaults
 from lmlab.data.batcher import RandomBatcher
 from lmlab.data.dataset import load_prepared
 from lmlab.device import autocast, resolve_device, resolve_dtype
@@ -32,6 +32,8 @@ from lmlab.model.build import build_adapter
 from lmlab.model.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints
 from lmlab.train import distributed
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
+from lmlab.train.telemetry import Telemetry
+from lmlab.train.tensorboard import TensorBoardLog
 
 
 class NonFiniteLoss(LmlabError):
@@ -54,7 +56,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def _check_resume(ckpt: dict, cfg: Config, plugins: dict[str, str], data_hash: str | None,
                   world_size: int, allow: bool) -> list[str]:
     """Differences between the checkpoint's set-up and this one; refused unless allowed."""
-    changes = diff_configs(ckpt["config"], cfg.to_dict())
+    changes = diff_configs(with_defaults(ckpt["config"]), cfg.to_dict())
     if ckpt.get("data_hash") != data_hash:  # same path, but the corpus was prepared anew
         changes.append(f"data hash: {ckpt.get('data_hash')} -> {data_hash}")
     saved_world = len(ckpt.get("sampler") or [None])  # one sampler state per rank
@@ -125,7 +127,11 @@ class Trainer:
         self.run_id = self.dist.broadcast_str(self.run_id)
         if ckpt is None:
             self.run_dir = Path(cfg.run.out_dir) / self.run_id
-        self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
+        self.tb = TensorBoardLog(self.run_dir / "tb", self.dist.is_main and cfg.run.tensorboard,
+                                 resumed_at=self.step)
+        self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main, self.tb)
+        self.telemetry = Telemetry(cfg.telemetry, self.adapter, self.dist, self.metrics,
+                                   self.tb.histogram, lambda: autocast(self.device, self.dtype))
         self.interrupted = False
 
     def _check_data_fits(self) -> None:
@@ -273,6 +279,7 @@ class Trainer:
         finally:
             bar.close()
             self.hooks.detach()
+            self.telemetry.close()
             signal.signal(signal.SIGINT, previous)
             wall = time.perf_counter() - t0
             steps_done = self.step - started
@@ -282,12 +289,14 @@ class Trainer:
                 "tokens_per_s": round(tokens_per_step * steps_done / step_time)
                 if steps_done else None,
                 "wall_s": round(wall, 2)}})
+            self.tb.close()
             self.dist.cleanup(ok=status != "failed")
         return self.run_dir
 
     def _train_step(self) -> tuple[float, dict[str, float]]:
         t = self.cfg.train
         total_loss, aux_totals = 0.0, {}
+        probe = self.telemetry.probe(self.step + 1)  # hooks on for this step, if it is due
         for micro in range(t.grad_accum):
             x, y = self.batcher.next()
             with self.dist.no_sync(self.model, last=micro == t.grad_accum - 1):
@@ -310,10 +319,12 @@ class Trainer:
             total_loss += value / t.grad_accum
             for name, v in aux.items():
                 aux_totals[name] = aux_totals.get(name, 0.0) + v.item() / t.grad_accum
+        probe.before_update(x)
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), t.grad_clip)
         self.hooks.transform_grads(self.step, self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
+        probe.after_update()
         self.optimizer.zero_grad(set_to_none=True)
         return total_loss, aux_totals
 
@@ -337,6 +348,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.run_dir / "samples.txt", "a") as f:
                 f.write(f"--- step {self.step}\n{text}\n")
+            self.tb.text("samples", text, self.step)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupted:  # a second Ctrl-C: stop now
