@@ -22,6 +22,7 @@ from lmlab.model.build import build_adapter
 from lmlab.records import read_metrics
 from lmlab.train import telemetry as telemetry_module
 from lmlab.train.loop import Trainer, train
+from tests.hooks.conftest import one_thread  # noqa: F401  (tiny models: 1 thread)
 
 ACTS = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
 
