@@ -15,6 +15,7 @@ from lmlab.errors import LmlabError
 from lmlab.hooks.cli import add_commands as add_hooks_commands
 from lmlab.model.cli import add_commands as add_model_commands
 from lmlab.runs.compare import add_compare
+from lmlab.runs.plot import add_plot
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("runs", help="list, show and compare runs",
+    s = sub.add_parser("runs", help="list, show, compare and plot runs",
                        description="What was run, with its final figures.")
     s.add_argument("--root", default="runs", help="the runs folder (default: runs)")
     rs = s.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
@@ -188,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run", help="run folder or run id")
     s.set_defaults(func=cmd_runs)
     add_compare(rs)
+    add_plot(rs)
     add_hooks_commands(sub)
     add_model_commands(sub)
     return p
