@@ -208,6 +208,10 @@ class Probe:
         finally:
             tel.adapter.train(was_training)
             self.unhook()
+            if hasattr(tel.adapter, "reshard"):
+                # FSDP keeps the root's weights gathered after a forward pass; the clipping
+                # and the optimizer step that follow must see its shards again
+                tel.adapter.reshard()
 
     def after_update(self) -> None:
         """After optimizer.step(): the update norms; then reduce over ranks and record."""
@@ -253,9 +257,8 @@ def _values(data: dict[str, torch.Tensor], shards: dict[str, torch.Tensor],
             out[key] = s.sqrt().item()
     for key, s in shards.items():
         kind, name = key.split("/", 1)
-        if kind == "update":
-            w = out[f"weight_norm/{name}"]
-            out[f"update_ratio/{name}"] = s.sqrt().item() / w if w > 0 else float("nan")
+        if kind == "update" and out[f"weight_norm/{name}"] > 0:  # undefined at zero (a bias)
+            out[f"update_ratio/{name}"] = s.sqrt().item() / out[f"weight_norm/{name}"]
     for key, s in data.items():
         kind, name = key.split("/", 1) if "/" in key else (key, "")
         if kind == "act":
