@@ -65,7 +65,8 @@ def main() -> None:
     }
     trainers = {}
     for key, overrides in variants.items():
-        tr = Trainer(load_config("char-tiny", overrides + [f"run.name=telemetry-{key}"]), progress=False)
+        cfg = load_config("char-tiny", overrides + [f"run.name=telemetry-{key}"])
+        tr = Trainer(cfg, progress=False)
         tr.run_dir.mkdir(parents=True)
         tr.model.train()
         trainers[key] = tr

@@ -22,7 +22,7 @@ from lmlab.records import read_manifest, read_metrics, scalars
 from lmlab.runs.store import find_runs, resolve_run
 
 X_AXES = ("step", "tokens", "time")
-LOG_SPAN = 100.0  # max/min ratio from which a panel is drawn on a log scale
+LOG_SPAN = 20.0  # max/min ratio from which a panel is drawn on a log scale (over a decade)
 
 
 def series(run_dir: Path, x: str = "step") -> dict[str, tuple[np.ndarray, np.ndarray]]:
