@@ -22,6 +22,7 @@ from lmlab.model.build import build_adapter
 from lmlab.records import read_metrics
 from lmlab.train import telemetry as telemetry_module
 from lmlab.train.loop import Trainer, train
+from lmlab.train.telemetry import Telemetry
 from tests.hooks.conftest import one_thread  # noqa: F401  (tiny models: 1 thread)
 
 ACTS = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
@@ -188,3 +189,45 @@ def test_config_hashes_are_unchanged_until_telemetry_is_used():
     quiet = Config()
     quiet.run.tensorboard = False
     assert quiet.hash() != base.hash() and quiet.base_hash() == base.base_hash()
+
+
+def test_an_imported_model_reports_under_the_same_point_names(tmp_path):
+    """A tiny random Qwen3 (grouped-query attention, q/k norms) through the same probe."""
+    from transformers import Qwen3ForCausalLM
+
+    from lmlab.config import TelemetryConfig
+    from lmlab.model.adapters.qwen import QwenAdapter
+    from lmlab.records import MetricsLog
+    from lmlab.train.distributed import DistInfo
+    from tests.model.conftest import tiny_hf_config
+
+    torch.manual_seed(0)
+    adapter = QwenAdapter(Qwen3ForCausalLM(tiny_hf_config("qwen3", vocab_size=256)),
+                          {"architecture_type": "qwen3"}, block_size=16)
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    tel = Telemetry(TelemetryConfig(every=1, activations=ACTS), adapter, DistInfo(), metrics)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the reference, from the weights before the update
+        _, cache = run_with_cache(adapter, x, names=["blocks.*.attn.hook_pattern", *ACTS])
+    opt = torch.optim.SGD(adapter.parameters(), lr=0.1)
+    probe = tel.probe(1)
+    logits = adapter(x)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+    grad = adapter.model.model.layers[0].mlp.gate_proj.weight.grad.norm().item()
+    probe.before_update(x)
+    opt.step()
+    probe.after_update()
+    (record,) = read_metrics(tmp_path)
+    assert record["grad_norm/model.layers.0.mlp.gate_proj.weight"] == pytest.approx(grad, rel=1e-5)
+    for layer in range(2):
+        p = cache[f"blocks.{layer}.attn.hook_pattern"].double()  # [2, 4 query heads, 16, 16]
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean((0, 2))
+        for head in range(4):
+            assert record[f"attn_entropy/blocks.{layer}.head{head}"] == pytest.approx(
+                entropy[head].item(), rel=1e-5)
+        for point in (f"blocks.{layer}.hook_resid_post", f"blocks.{layer}.mlp.hook_post"):
+            a = cache[point].double()
+            assert record[f"act_rms/{point}"] == pytest.approx(a.square().mean().sqrt().item(),
+                                                               rel=1e-5)
+            assert record[f"act_frac_nonpos/{point}"] == (a <= 0).double().mean().item()
+    assert not any(p._forward_hooks for p in adapter.hook_points().values())
