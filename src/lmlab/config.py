@@ -286,6 +286,9 @@ def _check_values(cfg: Config) -> None:
     if cfg.telemetry.every < 0:
         raise LmlabError(f"telemetry.every = {cfg.telemetry.every} must be 0 (off) or a "
                          "positive number of steps between measurements.")
+    if cfg.telemetry.histograms and not cfg.run.tensorboard:
+        raise LmlabError("telemetry.histograms go to TensorBoard only, which run.tensorboard=false "
+                         "turns off; set one of them the other way.")
     if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "

@@ -159,6 +159,8 @@ def test_points_are_hooked_only_at_telemetry_steps(make_config):
 def test_bad_telemetry_input_is_named(make_config):
     with pytest.raises(LmlabError, match="telemetry.every = -1 must be 0"):
         make_config(telemetry={"every": -1})
+    with pytest.raises(LmlabError, match="telemetry.histograms go to TensorBoard only"):
+        make_config(run={"tensorboard": False}, telemetry={"every": 2, "histograms": True})
     cfg = make_config(telemetry={"every": 2, "activations": ["blocks.*.hook_nope"]})
     with pytest.raises(LmlabError, match=r"telemetry.activations: .*'blocks.\*.hook_nope'.*"
                                          r"blocks.\{i\}.hook_resid_post"):
