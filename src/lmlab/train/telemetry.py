@@ -82,11 +82,12 @@ class Telemetry:
         self.histogram = histogram if cfg.histograms else None
         n_params = sum(p.numel() for _, p in self.params)
         if self.histogram is not None and cfg.every and n_params > HISTOGRAM_MAX_PARAMS:
-            log.warning("telemetry.histograms: skipped, the model has %s parameters and "
-                        "histograms are drawn for models up to %s (each telemetry step would "
-                        "copy every weight and gradient to the CPU). Norms are still recorded.",
-                        f"{n_params:,}", f"{HISTOGRAM_MAX_PARAMS:,}")
-            self.histogram = None
+            self.histogram = None  # on every rank alike: under FSDP drawing one is collective
+            if dist.is_main:
+                log.warning("telemetry.histograms: skipped, the model has %s parameters and "
+                            "histograms are drawn for models up to %s (each telemetry step "
+                            "would copy every weight and gradient to the CPU). Norms are still "
+                            "recorded.", f"{n_params:,}", f"{HISTOGRAM_MAX_PARAMS:,}")
         self._probe: Probe | None = None
 
     def probe(self, step: int) -> Probe | NoProbe:
