@@ -62,6 +62,11 @@ def test_event_files_hold_every_metric_sample_and_histogram(make_config):
     assert "weights/blocks.0.mlp.fc.weight" in acc.Tags()["histograms"]
     grads = acc.Histograms("grads/blocks.0.mlp.fc.weight")
     assert [h.step for h in grads] == [4, 8] and grads[0].histogram_value.num == 64 * 32
+    h = grads[0].histogram_value
+    assert sum(h.bucket) == h.num and h.min < 0 < h.max and h.bucket_limit[-1] == pytest.approx(
+        h.max, rel=1e-6)
+    ln = acc.Histograms("weights/blocks.0.ln_1.weight")[0].histogram_value  # ones, 3 steps on
+    assert ln.num == 32 and sum(ln.bucket) == 32 and 0.9 < ln.min < ln.max < 1.1
 
 
 def test_tensorboard_off_writes_no_events(make_config):

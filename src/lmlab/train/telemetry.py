@@ -165,9 +165,9 @@ class Probe:
 
     def _pattern_hook(self, layer: str) -> Callable:
         def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            p = _local(output).float()  # [B, H, Tq, Tk]
-            entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, H, Tq]
-            count = torch.tensor([float(entropy.shape[0] * entropy.shape[2])], device=p.device)
+            entropy = torch.special.entr(_local(output).float()).sum(-1)  # [B, H, Tq]
+            count = torch.tensor([float(entropy.shape[0] * entropy.shape[2])],
+                                 device=entropy.device)
             self._add(self.data_sums, f"attn/{layer}", torch.cat([entropy.sum((0, 2)), count]))
 
         return hook

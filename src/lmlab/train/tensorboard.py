@@ -71,12 +71,26 @@ class TensorBoardLog:
         except Exception as e:
             self._fail(e)
 
-    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+    def histogram(self, tag: str, values: torch.Tensor, step: int, bins: int = 64) -> None:
+        """A histogram of `values` in `bins` equal bins.
+
+        Counted by torch and written with `add_histogram_raw`: `add_histogram`'s
+        numpy path took ~25 ms a tensor here (its BLAS threads compete with
+        training's), a second per telemetry step on char-tiny.
+        """
         w = self._open()
         if w is None:
             return
         try:
-            w.add_histogram(tag, values.detach().float().cpu().numpy(), step)
+            with torch.no_grad():
+                v = values.detach().float().flatten().cpu()
+                lo, hi = v.min().item(), v.max().item()
+                top = hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-6  # one bin for a constant
+                counts = torch.histc(v, bins, lo, top)
+                limits = torch.linspace(lo, top, bins + 1)[1:]
+                w.add_histogram_raw(tag, min=lo, max=hi, num=v.numel(), sum=v.sum().item(),
+                                    sum_squares=v.dot(v).item(), bucket_limits=limits.tolist(),
+                                    bucket_counts=counts.tolist(), global_step=step)
         except Exception as e:
             self._fail(e)
 
