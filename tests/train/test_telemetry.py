@@ -23,9 +23,17 @@ from lmlab.records import read_metrics
 from lmlab.train import telemetry as telemetry_module
 from lmlab.train.loop import Trainer, train
 from lmlab.train.telemetry import Telemetry
-from tests.hooks.conftest import one_thread  # noqa: F401  (tiny models: 1 thread)
 
 ACTS = ["blocks.*.hook_resid_post", "blocks.*.mlp.hook_post"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _telemetry(run_dir) -> dict[int, dict]:
