@@ -127,8 +127,12 @@ def test_grad_norm_is_of_the_raw_gradient_before_clipping(make_config):
 
 
 def test_telemetry_changes_nothing_of_the_training(make_config):
-    """Dropout and a forward hook drawing from the global RNG: the same curve, bit for bit."""
-    hooks = {"forward": [{"name": "add_noise", "at": "blocks.*.hook_attn_out", "std": 0.01}]}
+    """Dropout, every hook kind, a forward hook drawing from the global RNG: the same curve,
+    bit for bit."""
+    hooks = {"forward": [{"name": "add_noise", "at": "blocks.*.hook_attn_out", "std": 0.01}],
+             "backward": [{"name": "feedback_alignment", "at": "blocks.*.mlp.hook_pre"}],
+             "update": [{"name": "clip_per_param", "max_norm": 0.5}],
+             "aux_losses": [{"name": "z_loss", "weight": 1e-3}]}
     common = dict(model={"dropout": 0.1}, hooks=hooks, train={"grad_accum": 2})
     off = train(make_config(run={"name": "off"}, **common), progress=False)
     on = train(make_config(run={"name": "on"}, telemetry={"every": 2, "activations": ACTS},

@@ -37,6 +37,7 @@ def test_rank_zero_records_the_whole_models_telemetry(parallel, tmp_path):
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     (launched,) = [r for r in read_metrics(run_dir) if r["kind"] == "telemetry"]
     assert json.loads((run_dir / "manifest.json").read_text())["world_size"] == 2
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0's alone
 
     single = _single(raw, ranks=2)  # one process, batch 2B, both ranks' windows
     (reference,) = [r for r in read_metrics(single.run_dir) if r["kind"] == "telemetry"]
