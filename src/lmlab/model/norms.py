@@ -35,7 +35,7 @@ class NormPoints(nn.Module):
 
 def hooked_norm(x: torch.Tensor, norm: nn.Module, points: nn.Module, *, eps: float,
                 gain: Gain, center: bool = False) -> torch.Tensor:
-    """`norm(x)`, with `points.hook_scale` / `hook_normalized` seeing (and able to edit) its parts."""
+    """`norm(x)`, with `points.hook_scale` / `hook_normalized` seeing (and editing) its parts."""
     if not (points.hook_scale.active or points.hook_normalized.active):
         return norm(x)
     xf = x.float()
