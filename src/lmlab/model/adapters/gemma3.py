@@ -4,7 +4,8 @@ Where Gemma 3's block differs from Llama's, and what this file overrides:
 
 - a norm before AND after attention and the MLP (`_block`), whose points are
   TransformerLens's `ln1`, `ln1_post`, `ln2`, `ln2_post`; `hook_attn_out` and
-  `hook_mlp_out` are the sublayer outputs before their post-norm, as in TL;
+  `hook_mlp_out` are what is added to the residual stream, i.e. after the
+  post-norm, as in TL (so resid_mid = resid_pre + attn_out on every family);
 - RMSNorm with gain (1 + weight), computed in float32 (`_norm`);
 - one rotary table per layer type: local (sliding-window) layers and global
   layers use different bases (`_rope`).
@@ -64,11 +65,10 @@ class Gemma3Adapter(HFCausalLMAdapter):
     def _block(self, layer: nn.Module, p: nn.Module, x: torch.Tensor, rope: tuple,
                cache: HFKVCache | None, i: int) -> torch.Tensor:
         x = p.hook_resid_pre(x)
-        h = self._norm(layer.input_layernorm, p.ln1, x)
-        attn_out = p.hook_attn_out(self._attention(layer.self_attn, p.attn, h, rope, cache, i))
-        x = p.hook_resid_mid(x + self._norm(layer.post_attention_layernorm, p.ln1_post,
-                                            attn_out))
-        h = self._norm(layer.pre_feedforward_layernorm, p.ln2, x)
-        mlp_out = p.hook_mlp_out(self._mlp(layer.mlp, p.mlp, h))
-        return p.hook_resid_post(x + self._norm(layer.post_feedforward_layernorm, p.ln2_post,
-                                                mlp_out))
+        h = self._attention(layer.self_attn, p.attn, self._norm(layer.input_layernorm, p.ln1, x),
+                            rope, cache, i)
+        x = p.hook_resid_mid(x + p.hook_attn_out(
+            self._norm(layer.post_attention_layernorm, p.ln1_post, h)))
+        h = self._mlp(layer.mlp, p.mlp, self._norm(layer.pre_feedforward_layernorm, p.ln2, x))
+        return p.hook_resid_post(x + p.hook_mlp_out(
+            self._norm(layer.post_feedforward_layernorm, p.ln2_post, h)))
