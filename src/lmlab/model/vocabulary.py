@@ -67,7 +67,8 @@ VOCABULARY: dict[str, Point] = {
     "blocks.{i}.attn.hook_z": Point("[batch, pos, head, d_head]", "blocks.{i}.attn.hook_z",
                                     "pattern @ v per head, the input of the output projection"),
     "blocks.{i}.hook_attn_out": Point(RESID, "blocks.{i}.hook_attn_out",
-                                      "attention output as added to the stream (Gemma: after its post-norm)"),
+                                      "attention output as added to the stream (Gemma: "
+                                      "after its post-norm)"),
     **_norm("blocks.{i}.ln1_post", "post-attention (Gemma 3)"),
     "blocks.{i}.hook_resid_mid": Point(RESID, "blocks.{i}.hook_resid_mid",
                                        "residual stream between attention and MLP"),
@@ -82,7 +83,8 @@ VOCABULARY: dict[str, Point] = {
                                       "activation (times up projection if gated), the input "
                                       "of the down projection"),
     "blocks.{i}.hook_mlp_out": Point(RESID, "blocks.{i}.hook_mlp_out",
-                                     "MLP output as added to the stream (Gemma: after its post-norm)"),
+                                     "MLP output as added to the stream (Gemma: after "
+                                     "its post-norm)"),
     **_norm("blocks.{i}.ln2_post", "post-MLP (Gemma 3)"),
     "blocks.{i}.hook_resid_post": Point(RESID, "blocks.{i}.hook_resid_post", "block output"),
     **_norm("ln_final", "final"),
