@@ -2,9 +2,12 @@
 
 Pre-LayerNorm blocks of causal self-attention and MLP, a final LayerNorm and an
 LM head tied to the token embedding, in the manner of nanoGPT. Every place an
-experiment may touch is a `HookPoint` named as TransformerLens names it. The
-fused attention kernel is used unless the scores or the pattern are hooked,
-since only then must they exist as tensors.
+experiment may touch is a `HookPoint` named as TransformerLens names it.
+Attention after the q/k/v projections (and rotary) is the shared core in
+`lmlab.model.attention`, which every imported family runs too, and the norms
+expose TL's `ln1` / `ln2` / `ln_final` points through `lmlab.model.norms`; the
+LayerNorm weights keep their nanoGPT names `ln_1` / `ln_2`, so checkpoints load
+as before.
 """
 
 from __future__ import annotations
