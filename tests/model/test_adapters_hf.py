@@ -28,6 +28,15 @@ from .conftest import make_hf_folder
 KINDS = sorted(supported_architectures())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load(name: str, root: Path):
     entry = registry.resolve(name, root)
     return adapter_class(entry["architecture_type"]).from_registry(entry, None)

@@ -43,6 +43,16 @@ IDX = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
 ATOL = 1e-5
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(qwen_tokenizer_dir):
     """Any real tokenizer: TL wants one at boot, though these tests feed it token ids."""
