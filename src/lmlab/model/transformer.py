@@ -206,7 +206,7 @@ class Transformer(nn.Module):
             if start + T > self.cfg.block_size:
                 raise ValueError(f"{start + T} positions exceed block_size {self.cfg.block_size}")
             table = self.wpe.weight if self.cfg.pos_encoding == "learned" else self.sinusoid
-            x = x + self.hook_pos_embed(table[start:start + T])
+            x = x + self.hook_pos_embed(table[start:start + T].expand(B, T, -1))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, cache, i)

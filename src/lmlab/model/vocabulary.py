@@ -33,9 +33,8 @@ def _norm(name: str, where: str) -> dict[str, Point]:
 
 VOCABULARY: dict[str, Point] = {
     "hook_embed": Point(RESID, "hook_embed", "token embeddings (Gemma: times sqrt(d_model))"),
-    "hook_pos_embed": Point("[pos, d_model]", "hook_pos_embed",
-                            "learned/sinusoidal position embeddings (TL broadcasts a batch "
-                            "dimension); absent with rotary"),
+    "hook_pos_embed": Point(RESID, "hook_pos_embed",
+                            "learned/sinusoidal position embeddings (absent with rotary)"),
     "blocks.{i}.hook_resid_pre": Point(RESID, "blocks.{i}.hook_resid_pre", "block input"),
     **_norm("blocks.{i}.ln1", "pre-attention"),
     "blocks.{i}.attn.hook_q": Point("[batch, pos, head, d_head]", "blocks.{i}.attn.hook_q",
