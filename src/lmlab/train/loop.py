@@ -337,7 +337,8 @@ class Trainer:
                 value = loss.item()
                 bad = not math.isfinite(value if total is loss else total.item())
                 if self.dist.any_rank(bad):
-                    return self._nonfinite("loss", value if bad else "non-finite on another rank"), {}
+                    shown = value if bad else "non-finite on another rank"
+                    return self._nonfinite("loss", shown), {}
                 (total / t.grad_accum).backward()
             total_loss += value / t.grad_accum
             for name, v in aux.items():
