@@ -335,10 +335,12 @@ class Trainer:
                 aux = self.hooks.aux_losses()
                 total = loss + sum(aux.values()) if aux else loss
                 value = loss.item()
-                bad = not math.isfinite(value if total is loss else total.item())
+                checked = value if total is loss else total.item()
+                bad = not math.isfinite(checked)
                 if self.dist.any_rank(bad):
-                    shown = value if bad else "non-finite on another rank"
-                    return self._nonfinite("loss", shown), {}
+                    what = "loss" if total is loss else "loss with aux losses"
+                    return self._nonfinite(what, checked if bad else "non-finite on another "
+                                           "rank"), {}
                 (total / t.grad_accum).backward()
             total_loss += value / t.grad_accum
             for name, v in aux.items():
