@@ -130,7 +130,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and check a checkpoint; a truncated, corrupt or foreign file is refused."""
+    """Load and check a checkpoint; a truncated, corrupt, non-finite or foreign file is refused."""
     p = resolve_checkpoint(path)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
@@ -155,6 +155,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"with {ckpt['sha256']}. Its bytes changed after saving (disk or copy error); "
                 "use an earlier checkpoint of the run (`lmlab runs verify RUN` checks them all)."
             )
+    bad = nonfinite_tensors({"model": ckpt.get("model"), "optimizer": ckpt.get("optimizer")})
+    if bad:  # only an older lmlab wrote such a file
+        raise LmlabError(
+            f"'{p}' holds NaN or inf in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}: "
+            "it was saved after training had diverged. Use an earlier checkpoint of the run."
+        )
     if ckpt.get("version", 0) > VERSION:
         raise LmlabError(
             f"'{p}' is checkpoint format version {ckpt['version']}, newer than this lmlab "
@@ -174,10 +180,8 @@ def last_good_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint in `folder` that loads, matches its hash and is finite."""
     for p in reversed(list_checkpoints(folder) if folder.is_dir() else []):
         try:
-            ckpt = load_checkpoint(p)
+            load_checkpoint(p)  # checks the hash and that every tensor is finite
         except LmlabError:
             continue
-        if not nonfinite_tensors({"model": ckpt.get("model"),
-                                  "optimizer": ckpt.get("optimizer")}):
-            return p
+        return p
     return None
