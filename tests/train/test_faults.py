@@ -373,6 +373,8 @@ class _Bad(torch.autograd.Function):
     def backward(ctx, g):
         if ctx.value == "raise":
             raise ValueError("my backward broke")
+        if ctx.value == "narrow":
+            return g[..., :1], None
         return g * ctx.value, None
 
 @register("forward")
@@ -391,7 +393,8 @@ class bad_grad:
         self.calls += training()
         if not training() or self.calls <= self.after:
             return x
-        return _Bad.apply(x, "raise" if self.value == "raise" else float(self.value))
+        return _Bad.apply(x, self.value if self.value in ("raise", "narrow") else
+                          float(self.value))
 
 @register("update")
 def nan_weights(named_params, step, lr, *, at_step: int = 0):
@@ -449,6 +452,10 @@ def hooked(plugin: Path, data_dir: Path, tmp_path: Path, hooks: dict, **train
      "division or modulo by zero (", 4),
     ({"backward": [{"name": "bad_grad", "at": "hook_embed", "after": 4, "value": "raise"}]}, {},
      "A hook from a plugin failed at step 5: ValueError: my backward broke (", 4),
+    ({"backward": [{"name": "bad_grad", "at": "hook_embed", "after": 4, "value": "narrow"}]},
+     {}, "The backward pass failed at step 5 with backward hooks in force ('bad_grad' at "
+     "hook_embed): RuntimeError: Function _BadBackward returned an invalid gradient at index 0 "
+     "- got [4, 32, 1] but expected shape compatible with [4, 32, 32]", 4),
 ])
 def test_nonfinite_and_misbehaving_hooks_stop_cleanly(plugin, data_dir, tmp_path, capsys, hooks,
                                                      train, message, step):

@@ -18,7 +18,7 @@ import torch
 
 from lmlab.errors import LmlabError
 from lmlab.fileio import os_cause
-from lmlab.hooks.manager import HookFailed
+from lmlab.hooks.manager import ExperimentHooks, HookFailed
 from lmlab.model.checkpoint import last_good_checkpoint
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -40,7 +40,7 @@ def plugin_frame(e: BaseException, plugins: dict[str, str]) -> str | None:
     return f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else None
 
 
-def explain(e: BaseException, step: int, plugins: dict[str, str],
+def explain(e: BaseException, step: int, hooks: ExperimentHooks,
             checkpoints: Path) -> BaseException:
     """The one-line error for `e` raised at training step `step`, or `e` itself."""
     if isinstance(e, HookFailed):
@@ -53,10 +53,17 @@ def explain(e: BaseException, step: int, plugins: dict[str, str],
                           f"at step {step}. {last_good(checkpoints)}")
     if isinstance(e, LmlabError) or not isinstance(e, Exception):
         return e
-    frame = plugin_frame(e, plugins)
+    first = str(e).splitlines()[0] if str(e) else ""
+    frame = plugin_frame(e, hooks.plugins)
     if frame is not None:  # raised by plugin code outside a wrapped call (a custom backward)
         return LmlabError(f"A hook from a plugin failed at step {step}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''} ({frame}). "
+                          f"{first} ({frame}). {last_good(checkpoints)}")
+    in_backward = any(f.name == "_engine_run_backward"
+                      for f in traceback.extract_tb(e.__traceback__))
+    if in_backward and hooks.cfg.backward:  # e.g. a gradient of the wrong shape
+        names = ", ".join(f"'{h.get('name')}' at {h.get('at')}" for h in hooks.cfg.backward)
+        return LmlabError(f"The backward pass failed at step {step} with backward hooks in "
+                          f"force ({names}): {type(e).__name__}: {first}. "
                           f"{last_good(checkpoints)}")
     return e
 

@@ -297,8 +297,7 @@ class Trainer:
             self.save()
         except BaseException as e:
             status = "failed"
-            err = faults.explain(e, self.step + 1, self.hooks.plugins,
-                                 self.run_dir / "checkpoints")
+            err = faults.explain(e, self.step + 1, self.hooks, self.run_dir / "checkpoints")
             if err is e:
                 raise
             raise err from e
