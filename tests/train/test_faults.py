@@ -198,6 +198,8 @@ def test_sigkill_at_seeded_moments_then_eval_and_exact_resume(data_dir, tmp_path
         assert read_manifest(run)["status"] == "running"
         rc, listing, err = cli(capsys, "runs", "--root", str(out), "list")
         assert rc == 0 and "died" in listing and "Traceback" not in err, (name, listing)
+        rc, shown, _ = cli(capsys, "runs", "--root", str(out), "show", run.name)
+        assert rc == 0 and "status: died" in shown, shown
         rc, report, err = cli(capsys, "runs", "--root", str(out), "verify", run.name)
         assert rc == 0 and "DAMAGED" not in report and "ok" in report, (name, report, err)
         newest = assert_newest_good(run)

@@ -50,7 +50,7 @@ def explain(e: BaseException, step: int, hooks: ExperimentHooks,
         code = errno_codes.errorcode.get(os_err.errno, str(os_err.errno))
         what = f"'{os_err.filename}'" if os_err.filename else "a file"
         return LmlabError(f"Could not write {what}: {os_err.strerror} ({code}). Training stopped "
-                          f"at step {step}. {last_good(checkpoints)}")
+                          f"after step {step - 1}. {last_good(checkpoints)}")
     if isinstance(e, LmlabError) or not isinstance(e, Exception):
         return e
     first = str(e).splitlines()[0] if str(e) else ""
