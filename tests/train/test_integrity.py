@@ -14,6 +14,7 @@ import torch
 from lmlab.config import from_dict
 from lmlab.errors import LmlabError
 from lmlab.fileio import atomic_write_text, clean_stale_temps
+from lmlab.hooks.manager import ExperimentHooks
 from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.checkpoint import (
     NonFiniteCheckpoint,
@@ -37,9 +38,10 @@ def test_new_keys_leave_existing_hashes_and_resumes_alone():
     old = cfg.to_dict()
     del old["train"]["on_nonfinite"], old["train"]["max_nonfinite_skips"]
     ckpt = {"config": old, "data_hash": None, "sampler": [None], "plugins": {}}
-    assert _check_resume(ckpt, cfg, {}, None, 1, allow=False) == []
+    no_hooks = ExperimentHooks(cfg.hooks, tiny_adapter())
+    assert _check_resume(ckpt, cfg, no_hooks, None, 1, allow=False) == []
     with pytest.raises(LmlabError, match="train.on_nonfinite: 'stop' -> 'skip'"):
-        _check_resume(ckpt, skip, {}, None, 1, allow=False)
+        _check_resume(ckpt, skip, no_hooks, None, 1, allow=False)
 
 
 def tiny_adapter() -> CustomTransformerAdapter:
