@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,7 +49,9 @@ def naming(path: str | Path) -> Iterator[None]:
         raise OSError(os_err.errno, os_err.strerror, str(path)) from None
 
 
-def _tmp_name(path: Path) -> Path:
+def temp_path(path: str | Path) -> Path:
+    """`.NAME.tmp-HOST-PID` beside `path`: this process's scratch name for it (file or folder)."""
+    path = Path(path)
     return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
@@ -57,7 +60,7 @@ def atomic_write_bytes(path: str | Path, write: Callable[[IO[bytes]], Any]) -> N
     path = Path(path)
     with naming(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(path)
+        tmp = temp_path(path)
         try:
             with open(tmp, "wb") as f:
                 write(f)
@@ -94,7 +97,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete temp files in `folder` left by dead processes of this host; returns them."""
+    """Delete temp files and folders in `folder` left by dead processes of this host."""
     folder, host, removed = Path(folder), socket.gethostname(), []
     if not folder.is_dir():
         return removed
@@ -102,6 +105,9 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
         owner = p.name.rsplit(TMP_MARK, 1)[1]
         owner_host, _, pid = owner.rpartition("-")
         if owner_host == host and pid.isdigit() and not pid_alive(int(pid)):
-            p.unlink(missing_ok=True)
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed

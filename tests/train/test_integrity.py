@@ -82,9 +82,12 @@ def test_stale_temps_of_dead_processes_only_are_removed(tmp_path):
     stale = tmp_path / f".ckpt_0000001.pt.tmp-{host}-{dead}"
     alive = tmp_path / f".manifest.json.tmp-{host}-{os.getpid()}"
     elsewhere = tmp_path / f".metrics.jsonl.tmp-other-host-{dead}"
+    staged = tmp_path / f".my-model.tmp-{host}-{dead}"  # a killed import's staging folder
+    (staged / "sub").mkdir(parents=True)
+    (staged / "sub" / "model.safetensors").write_text("weights")
     for p in (stale, alive, elsewhere):
         p.write_text("partial")
-    assert clean_stale_temps(tmp_path) == [stale]
+    assert sorted(clean_stale_temps(tmp_path)) == sorted([stale, staged])
     assert alive.exists() and elsewhere.exists()
     atomic_write_text(tmp_path / "x.txt", "whole")
     assert (tmp_path / "x.txt").read_text() == "whole"

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmlab.errors import LmlabError
+from lmlab.fileio import temp_path
 from lmlab.model import registry
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -202,7 +203,7 @@ def fetch_from_hub(repo_id: str) -> tuple[Path, bool]:
 
 def _staging(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    staged = root / f".staging-{name}-{os.getpid()}"
+    staged = temp_path(root / name)  # removed by the next registry write if we are killed
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir()
