@@ -117,6 +117,8 @@ SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "eval": {"val_loss": _NUMBER},
     "aux": {"name": (str,), "value": _NUMBER},
 }
+# fields that, wherever they appear, readers do arithmetic with
+NUMBERS = {"loss", "lr", "tokens_per_s", "time", "val_loss", "val_ppl", "val_bpc", "value"}
 
 
 def _problem(r: Any) -> str | None:
@@ -130,6 +132,9 @@ def _problem(r: Any) -> str | None:
     for key, types in SCHEMA.get(r["kind"], {}).items():
         if not isinstance(r.get(key), types) or isinstance(r.get(key), bool):
             return f"a {r['kind']} record without a valid '{key}'"
+    for key in NUMBERS & r.keys():
+        if not isinstance(r[key], _NUMBER) or isinstance(r[key], bool):
+            return f"'{key}' is {r[key]!r}, not a number"
     return None
 
 

@@ -330,14 +330,16 @@ def test_malformed_records_are_skipped_and_named(data_dir, tmp_path, capsys):
         assert cli(capsys, "train", "--config", str(cfg), "--quiet")[0] == 0
     a, b, c = sorted(out.iterdir(), key=lambda p: p.name.split("-")[2])
     with open(a / "metrics.jsonl", "a") as f:
-        f.write('[1, 2, 3]\n{"kind": "eval", "step": 60}\n{"kind": "train", "st')
+        f.write('[1, 2, 3]\n{"kind": "eval", "step": 60}\n'
+                '{"kind": "train", "step": 1, "loss": 1.0, "tokens_per_s": "fast"}\n'
+                '{"kind": "train", "st')
     n = len((a / "metrics.jsonl").read_text().splitlines())
     text = (c / "manifest.json").read_text()
     (c / "manifest.json").write_text(text[: len(text) // 2])
     rc, listing, err = cli(capsys, "runs", "--root", str(out), "list")
     assert rc == 0 and a.name in listing and b.name in listing and c.name not in listing
     assert "Traceback" not in err
-    for line_no in (n - 2, n - 1, n):
+    for line_no in (n - 3, n - 2, n - 1, n):
         assert f"skipped line {line_no} of {a / 'metrics.jsonl'}" in err
     assert f"skipped run {c.name}" in err and "not readable JSON" in err
     rc, shown, err = cli(capsys, "runs", "--root", str(out), "show", a.name)

@@ -38,6 +38,9 @@ def summaries(root: str | Path = "runs") -> list[dict[str, Any]]:
             rows.append(summary(run_dir))
         except LmlabError as e:
             warn(f"skipped run {run_dir.name}: {e}")
+        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a field of a wrong type
+            warn(f"skipped run {run_dir.name}: its manifest.json has an unexpected shape "
+                 f"({type(e).__name__}: {e})")
     return rows
 
 
