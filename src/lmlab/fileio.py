@@ -33,7 +33,8 @@ def os_cause(e: BaseException) -> OSError | None:
         if isinstance(e, OSError) and e.errno is not None:
             return e
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None else \
+            None if e.__suppress_context__ else e.__context__
     return None
 
 

@@ -10,7 +10,6 @@ checking that it loads, matches its hash and is finite.
 from __future__ import annotations
 
 import errno as errno_codes
-import sys
 import traceback
 from pathlib import Path
 
@@ -45,14 +44,14 @@ def explain(e: BaseException, step: int, hooks: ExperimentHooks,
     """The one-line error for `e` raised at training step `step`, or `e` itself."""
     if isinstance(e, HookFailed):
         return LmlabError(f"{e.where} failed at step {step}: {e.detail}. {last_good(checkpoints)}")
-    os_err = os_cause(e) if isinstance(e, Exception) else None
+    if isinstance(e, LmlabError) or not isinstance(e, Exception):
+        return e  # already a clear message, or Ctrl-C
+    os_err = os_cause(e)
     if os_err is not None:
         code = errno_codes.errorcode.get(os_err.errno, str(os_err.errno))
         what = f"'{os_err.filename}'" if os_err.filename else "a file"
         return LmlabError(f"Could not write {what}: {os_err.strerror} ({code}). Training stopped "
                           f"after step {step - 1}. {last_good(checkpoints)}")
-    if isinstance(e, LmlabError) or not isinstance(e, Exception):
-        return e
     first = str(e).splitlines()[0] if str(e) else ""
     frame = plugin_frame(e, hooks.plugins)
     if frame is not None:  # raised by plugin code outside a wrapped call (a custom backward)
@@ -66,7 +65,3 @@ def explain(e: BaseException, step: int, hooks: ExperimentHooks,
                           f"force ({names}): {type(e).__name__}: {first}. "
                           f"{last_good(checkpoints)}")
     return e
-
-
-def warn(message: str) -> None:
-    print(f"lmlab: warning: {message}", file=sys.stderr, flush=True)

@@ -176,7 +176,7 @@ class Trainer:
         try:
             m = mf.read_manifest(self.run_dir) if path.exists() else {}
         except LmlabError as e:
-            faults.warn(f"{e} Writing a new one.")
+            mf.warn(f"{e} Writing a new one.")
             m = {}
         cfg = self.cfg
         m.update({
@@ -326,7 +326,7 @@ class Trainer:
             except OSError as e:
                 if status != "failed":
                     raise
-                faults.warn(f"could not record status 'failed' in the manifest: {e}")
+                mf.warn(f"could not record status 'failed' in the manifest: {e}")
             finally:
                 self.dist.cleanup(ok=status != "failed")
         return self.run_dir
