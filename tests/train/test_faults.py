@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -273,6 +274,28 @@ def test_disk_full_and_read_only_give_one_line_and_keep_checkpoints(data_dir, sm
     line = one_error(err)
     assert rc in (1, 2) and "Read-only file system (EROFS)" in line and str(run) in line
     assert_newest_good(run)
+
+    # the folder turns read-only mid-run: the manifest cannot say "failed", and we are told so
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    shutil.rmtree(out)
+    plugin = tmp_path / "remount.py"
+    plugin.write_text(
+        "import subprocess\n"
+        "from lmlab.hooks.registry import register\n"
+        "@register('update')\n"
+        "def remount_ro(named_params, step, lr):\n"
+        "    if step == 2:\n"
+        f"        subprocess.run(['mount', '-o', 'remount,ro', '{small_disk}'], check=True)\n")
+    cfg = config(data_dir, out, checkpoint_every=2)
+    cfg["hooks"] = {"plugins": [str(plugin)], "update": [{"name": "remount_ro"}]}
+    rc, _, err = cli(capsys, "train", "--config", str(write_config(tmp_path / "ro.yaml", cfg)),
+                     "--quiet")
+    line = one_error(err)
+    run = only_run(out)
+    assert rc == 2 and f"'{run / 'metrics.jsonl'}': Read-only file system (EROFS)" in line
+    assert "stopped after step 3" in line and f"checkpoint is {assert_newest_good(run)}" in line
+    assert "lmlab: warning: could not record status 'failed' in the manifest" in err
+    assert read_manifest(run)["status"] == "running"
 
 
 # --- corrupted bytes ----------------------------------------------------------------------
