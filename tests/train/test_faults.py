@@ -371,6 +371,9 @@ def test_malformed_records_are_skipped_and_named(data_dir, tmp_path, capsys):
     assert rc == 0 and report.startswith("Comparable") and "Traceback" not in err
     rc, _, err = cli(capsys, "runs", "--root", str(out), "show", c.name)
     assert rc == 2 and "manifest.json is not readable JSON" in one_error(err)
+    rc, report, err = cli(capsys, "runs", "--root", str(out), "verify", c.name)
+    assert rc == 2 and "DAMAGED  manifest.json" in report and "ok       ckpt_" in report
+    assert "checkpoints of run" in one_error(err) and "are good, but" in err
 
     # `runs compare A B | head -1`: the reader has gone before the report is written
     p = subprocess.Popen([sys.executable, "main.py", "runs", "--root", str(out), "compare",

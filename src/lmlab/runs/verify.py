@@ -22,7 +22,12 @@ from lmlab.records import read_manifest, read_metrics
 
 def verify_run(run_dir: Path) -> list[Path]:
     """Check a run's checkpoints and records; returns the good checkpoints, oldest first."""
-    read_manifest(run_dir)
+    try:
+        read_manifest(run_dir)
+        manifest_problem = None
+    except LmlabError as e:
+        manifest_problem = str(e)
+        print(f"DAMAGED  manifest.json: {e}")
     read_metrics(run_dir)
     ckpts = list_checkpoints(run_dir / "checkpoints")
     good, bad = [], []
@@ -48,4 +53,6 @@ def verify_run(run_dir: Path) -> list[Path]:
         last = f"the last good one is {good[-1]}" if good else "none is good"
         raise LmlabError(f"{len(bad)} of {len(ckpts)} checkpoints of run {run_dir.name} are "
                          f"damaged ({', '.join(p.name for p in bad)}); {last}.")
+    if manifest_problem:
+        raise LmlabError(f"The checkpoints of run {run_dir.name} are good, but {manifest_problem}")
     return good
