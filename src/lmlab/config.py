@@ -80,6 +80,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     compile: bool = False
     threads: int | None = None
+    # a non-finite loss or gradient: stop, or skip that update (stopping after this many in a row)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 10
 
 
 @dataclass
@@ -116,7 +119,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return config_hash(_without_later_defaults(self.to_dict()))
+        return config_hash(self.to_dict())
 
     def base_hash(self) -> str:
         """Hash of the set-up without hooks: runs with equal base hashes are comparable.
@@ -138,34 +141,20 @@ BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
                ("train", "parallel"), ("run", "tensorboard")]
 
-# Keys added after runs were first hashed: left out of the hash while at their defaults,
-# so every earlier config keeps the hash (and run id) it had. (section, None) is a section.
-ADDED_LATER = [("run", "tensorboard"), ("telemetry", None)]
-
-
-def _without_later_defaults(d: dict[str, Any]) -> dict[str, Any]:
-    default = Config().to_dict()
-    for section, key in ADDED_LATER:
-        if key is None and d.get(section) == default[section]:
-            d.pop(section)
-        elif key is not None and d[section].get(key) == default[section][key]:
-            d[section].pop(key)
-    return d
-
-
-def with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with keys added since it was written filled in at their defaults,
-    so comparing it with today's config shows only real differences."""
-    out = Config().to_dict()
-    for section, values in raw.items():
-        if isinstance(values, dict) and isinstance(out.get(section), dict):
-            out[section] = {**out[section], **values}
-        else:
-            out[section] = values
-    return out
+# Keys added after runs were made, with the default every earlier run had in effect. A key at
+# that default is left out of the hashes, so an earlier run's hashes stay what they were.
+LATER_KEYS = {("train", "on_nonfinite"): "stop", ("train", "max_nonfinite_skips"): 10,
+              ("run", "tensorboard"): True,
+              **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()}}
 
 
 def config_hash(d: dict[str, Any]) -> str:
+    d = copy.deepcopy(d)
+    for (section, key), default in LATER_KEYS.items():
+        if section in d and d[section].get(key, default) == default:
+            d[section].pop(key, None)
+            if not d[section]:  # a section added later, at its defaults throughout
+                d.pop(section)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -289,10 +278,32 @@ def _check_values(cfg: Config) -> None:
     if cfg.telemetry.histograms and not cfg.run.tensorboard:
         raise LmlabError("telemetry.histograms go to TensorBoard only, which run.tensorboard=false "
                          "turns off; set one of them the other way.")
+    if t.max_nonfinite_skips < 1:
+        raise LmlabError(f"train.max_nonfinite_skips = {t.max_nonfinite_skips} must be >= 1.")
+    for kind in ("forward", "backward", "update", "aux_losses"):
+        for i, entry in enumerate(getattr(cfg.hooks, kind)):
+            check_hook_entry(kind, entry, f"hooks.{kind}[{i}]")
     if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
                          "with fsdp, or train.parallel=ddp with muon.")
+
+
+def check_hook_entry(kind: str, entry: Any, where: str) -> None:
+    """The types of a hook entry's own fields (its parameters are checked by the hook itself)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise LmlabError(f"{where} = {entry!r} must be a mapping with a 'name' (a hook's name), "
+                         "e.g. {name: scale, at: blocks.0.hook_resid_post, factor: 0.5}.")
+    at = entry.get("at")
+    if at is not None and not isinstance(at, str):
+        raise LmlabError(
+            f"{where} ('{entry['name']}'): 'at' = {at!r} must be one hook point name or glob "
+            "as a string, e.g. 'blocks.*.hook_resid_post'; for several points use a glob or "
+            "one entry per point."
+        )
+    weight = entry.get("weight", 1.0)
+    if kind == "aux_losses" and (not isinstance(weight, int | float) or isinstance(weight, bool)):
+        raise LmlabError(f"{where} ('{entry['name']}'): weight = {weight!r} must be a number.")
 
 
 # --- loading and overrides ------------------------------------------------------

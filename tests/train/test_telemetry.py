@@ -9,7 +9,6 @@ attention patterns are recomputed from the captured weights with
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
@@ -179,15 +178,15 @@ def test_bad_telemetry_input_is_named(make_config):
         Trainer(cfg, progress=False)
 
 
-def test_histograms_on_a_too_large_model_warn_and_are_skipped(make_config, monkeypatch, caplog):
+def test_histograms_on_a_too_large_model_warn_and_are_skipped(make_config, monkeypatch, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setattr(telemetry_module, "HISTOGRAM_MAX_PARAMS", 1000)
     cfg = make_config(train={"max_steps": 2}, telemetry={"every": 1, "histograms": True})
-    with caplog.at_level(logging.WARNING):
-        run = train(cfg, progress=False)
-    warnings = [r for r in caplog.records if "histograms" in r.getMessage()]
-    assert len(warnings) == 1 and "skipped" in warnings[0].getMessage()
+    run = train(cfg, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "histograms" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("lmlab: warning: telemetry.histograms: "
+                                                         "skipped"), warnings
     assert sorted(_telemetry(run)) == [1, 2]  # the norms are still recorded
     acc = EventAccumulator(str(run / "tb"), size_guidance={"histograms": 0})
     acc.Reload()
@@ -245,3 +244,25 @@ def test_an_imported_model_reports_under_the_same_point_names(tmp_path):
                                                                rel=1e-5)
             assert record[f"act_frac_nonpos/{point}"] == (a <= 0).double().mean().item()
     assert not any(p._forward_hooks for p in adapter.hook_points().values())
+
+
+def test_a_skipped_update_at_a_telemetry_step_leaves_no_hook_behind(make_config, tmp_path):
+    """train.on_nonfinite=skip ends a step before its update: its hooks must still go."""
+    plugin = tmp_path / "poison_fourth.py"
+    plugin.write_text(
+        "import torch\n"
+        "from lmlab.hooks.registry import register\n"
+        "calls = [0]\n"
+        "@register('forward')\n"
+        "def poison_fourth_forward(x, point):\n"
+        "    calls[0] += torch.is_grad_enabled()  # evaluation runs without grad\n"
+        "    return x * float('nan') if torch.is_grad_enabled() and calls[0] == 4 else x\n")
+    cfg = make_config(train={"on_nonfinite": "skip"},
+                      hooks={"plugins": [str(plugin)],
+                             "forward": [{"name": "poison_fourth_forward", "at": "hook_embed"}]},
+                      telemetry={"every": 4, "activations": ACTS})
+    trainer = Trainer(cfg, progress=False)
+    run = trainer.run()
+    assert [r["step"] for r in read_metrics(run) if r["kind"] == "skipped"] == [4]
+    assert sorted(_telemetry(run)) == [8]
+    assert all(not p._forward_hooks for p in trainer.adapter.hook_points().values())

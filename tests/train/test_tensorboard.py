@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -83,14 +82,14 @@ def test_tensorboard_off_writes_no_events(make_config):
     assert not (run / "tb").exists() and read_metrics(run)
 
 
-def test_unwritable_tb_folder_warns_once_and_the_run_goes_on(make_config, caplog):
+def test_unwritable_tb_folder_warns_once_and_the_run_goes_on(make_config, capsys):
     trainer = Trainer(make_config(telemetry={"every": 2}), progress=False)
     trainer.run_dir.mkdir(parents=True)
     (trainer.run_dir / "tb").write_text("a file where the folder should be")
-    with caplog.at_level(logging.WARNING):
-        run = trainer.run()
-    warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    run = trainer.run()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
     assert len(warnings) == 1 and "the run goes on" in warnings[0], warnings
+    assert warnings[0].startswith("lmlab: warning: TensorBoard: cannot write event files in")
     assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"] == list(range(1, 9))
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmlab.errors import LmlabError
+from lmlab.fileio import temp_path
 from lmlab.model import registry
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -207,7 +209,7 @@ def fetch_from_hub(repo_id: str) -> tuple[Path, bool]:
 
 def _staging(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    staged = root / f".staging-{name}-{os.getpid()}"
+    staged = temp_path(root / name)  # removed by the next registry write if we are killed
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir()
@@ -321,9 +323,18 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
             load_kw |= {"gguf_file": gguf_file, "dtype": torch.float32}
         else:
             load_kw["dtype"] = "auto"
+        if kind == "folder":
+            registry.check_sums(folder)  # an lmlab export records its weights' hashes
         try:
             model = model_cls.from_pretrained(str(folder), **load_kw)
-        except (OSError, ValueError) as e:
+        except pickle.UnpicklingError:
+            raise LmlabError(
+                f"Refused the weights of {source}: a pickled weight file (pytorch_model.bin) "
+                "holds Python objects other than tensors, which could run code on loading. It "
+                "was not executed. Convert the model to safetensors where you trust it, or "
+                "use a safetensors copy."
+            ) from None
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
             raise LmlabError(
                 f"transformers could not load the weights of {source}: "
                 f"{str(e).splitlines()[0][:300]}"

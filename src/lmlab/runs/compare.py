@@ -15,7 +15,7 @@ from typing import Any
 
 from lmlab.config import diff_configs
 from lmlab.errors import LmlabError
-from lmlab.records import read_manifest, read_metrics
+from lmlab.records import effective_status, read_manifest, read_metrics
 from lmlab.runs.store import format_table, resolve_run
 
 
@@ -54,12 +54,12 @@ def _row(run_dir: Path, m: dict[str, Any]) -> dict[str, Any]:
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("kind") == "eval"]
     trains = [r for r in records if r.get("kind") == "train"]
-    final = m.get("final", {})
+    final = m.get("final") if isinstance(m.get("final"), dict) else {}
     tps = final.get("tokens_per_s")
     if tps is None and trains:
         tps = round(sum(r.get("tokens_per_s", 0) for r in trains) / len(trains))
     return {
-        "run_id": m.get("run_id", run_dir.name), "status": m.get("status"),
+        "run_id": m.get("run_id", run_dir.name), "status": effective_status(m),
         "step": final.get("step", trains[-1]["step"] if trains else None),
         "final_val": evals[-1]["val_loss"] if evals else None,
         "best_val": min((r["val_loss"] for r in evals), default=None),

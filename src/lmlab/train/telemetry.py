@@ -29,7 +29,6 @@ whole batch.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -39,10 +38,8 @@ import torch.distributed as torch_dist
 from lmlab.config import TelemetryConfig
 from lmlab.errors import LmlabError
 from lmlab.model.points import match_points
-from lmlab.records import MetricsLog
+from lmlab.records import MetricsLog, warn
 from lmlab.train.distributed import DistInfo
-
-log = logging.getLogger(__name__)
 
 # Weight and gradient histograms copy every parameter to the CPU at each telemetry step;
 # past this many parameters that stalls training, so they are skipped with a warning.
@@ -84,14 +81,15 @@ class Telemetry:
         if self.histogram is not None and cfg.every and n_params > HISTOGRAM_MAX_PARAMS:
             self.histogram = None  # on every rank alike: under FSDP drawing one is collective
             if dist.is_main:
-                log.warning("telemetry.histograms: skipped, the model has %s parameters and "
-                            "histograms are drawn for models up to %s (each telemetry step "
-                            "would copy every weight and gradient to the CPU). Norms are still "
-                            "recorded.", f"{n_params:,}", f"{HISTOGRAM_MAX_PARAMS:,}")
+                warn(f"telemetry.histograms: skipped, the model has {n_params:,} parameters "
+                     f"and histograms are drawn for models up to {HISTOGRAM_MAX_PARAMS:,} (each "
+                     "telemetry step would copy every weight and gradient to the CPU). Norms "
+                     "are still recorded.")
         self._probe: Probe | None = None
 
     def probe(self, step: int) -> Probe | NoProbe:
         """The measurement of optimizer step `step` (1-based) if it is due, else a no-op."""
+        self.close()  # a step that ended early (a skipped non-finite update) left its hooks
         if not self.cfg.every or step % self.cfg.every:
             return NO_PROBE
         self._probe = Probe(self, step)

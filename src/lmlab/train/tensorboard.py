@@ -13,15 +13,12 @@ first record, once the run folder exists.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.records import scalars
-
-log = logging.getLogger(__name__)
+from lmlab.records import scalars, warn
 
 
 class TensorBoardLog:
@@ -47,9 +44,9 @@ class TensorBoardLog:
 
     def _fail(self, e: BaseException) -> None:
         self.enabled, self._writer = False, None
-        log.warning("TensorBoard: cannot write event files in %s (%s: %s); the run goes on "
-                    "without them (metrics.jsonl has every number). Set run.tensorboard=false "
-                    "to silence this.", self.folder, type(e).__name__, e)
+        warn(f"TensorBoard: cannot write event files in {self.folder} ({type(e).__name__}: "
+             f"{e}); the run goes on without them (metrics.jsonl has every number). Set "
+             "run.tensorboard=false to silence this.")
 
     def __call__(self, record: dict[str, Any]) -> None:
         """Write one metrics.jsonl record as scalars at its step."""

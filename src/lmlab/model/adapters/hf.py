@@ -38,7 +38,7 @@ from lmlab.model.adapters.base import BaseAdapter
 from lmlab.model.attention import add_attention_points, attend, on_heads
 from lmlab.model.norms import NormPoints, hooked_norm
 from lmlab.model.points import HookPoint, collect_hook_points
-from lmlab.model.registry import model_dir, resolve
+from lmlab.model.registry import model_dir, resolve, verify_weights
 from lmlab.model.tokenizers import HFTokenizer, load_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -224,6 +224,7 @@ class HFCausalLMAdapter(BaseAdapter):
                 "model_source": entry.get("source"), "fine_tuned_from": name,
                 "architecture_type": entry["architecture_type"]}
         dtype = getattr(model_cfg, "dtype", None) or "float32"
+        verify_weights({**entry, "path": str(folder)})
         adapter = cls.from_folder(folder, meta, dtype=dtype)
         adapter._tokenizer_folder = folder
         return adapter
