@@ -34,11 +34,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab import records as mf
-    from lmlab.config import load_config, read_yaml, resolve_config_path
+    from lmlab.config import load_config, load_raw
     from lmlab.train.loop import Trainer, config_for_resume
 
     if args.resume:
-        base = read_yaml(resolve_config_path(args.config)) if args.config else None
+        base = load_raw(args.config) if args.config else None
         cfg = config_for_resume(args.resume, base, args.set)
     else:
         cfg = load_config(args.config, args.set)
