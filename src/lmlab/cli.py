@@ -15,6 +15,7 @@ from lmlab.errors import LmlabError
 from lmlab.hooks.cli import add_commands as add_hooks_commands
 from lmlab.model.cli import add_commands as add_model_commands
 from lmlab.runs.compare import add_compare
+from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare(rs)
     add_hooks_commands(sub)
     add_model_commands(sub)
+    add_sweep_commands(sub)
     return p
 
 
