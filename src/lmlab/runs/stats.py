@@ -13,13 +13,14 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 LEVEL = 0.95
 
 
 def summarize(values: list[float]) -> dict[str, Any]:
     """n, mean, sd (n-1) and the 95% t interval of the mean (None with a reason when n < 2)."""
+    from scipy import stats  # imported when used: `lmlab` commands start faster without it
+
     x = np.asarray(values, dtype=float)
     n = len(x)
     out: dict[str, Any] = {"n": n, "mean": float(x.mean()) if n else None, "sd": None,
@@ -40,6 +41,8 @@ def summarize(values: list[float]) -> dict[str, Any]:
 def difference(variant: list[float], baseline: list[float], unit: str = "nats",
                n_resamples: int = 9999, seed: int = 0) -> dict[str, Any]:
     """variant - baseline: the difference of means, Welch's t-test and a bootstrap interval."""
+    from scipy import stats
+
     a, b = np.asarray(variant, dtype=float), np.asarray(baseline, dtype=float)
     out: dict[str, Any] = {"diff": float(a.mean() - b.mean()) if len(a) and len(b) else None,
                            "n": [len(a), len(b)], "p": None, "ci": None, "bootstrap_ci": None}

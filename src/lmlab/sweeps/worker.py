@@ -1,4 +1,5 @@
-"""One sweep run in its own process: `python -m lmlab.sweeps.worker JOB.json`.
+"""One sweep run in its own process: forked from a forkserver that has imported torch (local
+backend), or started as `python -m lmlab.sweeps.worker JOB.json` (Ray backend).
 
 A process per run isolates a crash, and lets the driver stop a run the way a
 user would (SIGINT: finish the step, save a checkpoint). The worker asks the
@@ -37,11 +38,35 @@ def die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
+    """A worker started as its own program (the Ray backend)."""
     job = json.loads(Path(argv[0]).read_text())
-    ppid = job.get("parent_pid")
     die_with_parent()
-    if ppid and os.getppid() != ppid:
-        return EXIT_INTERRUPTED
+    if job.get("parent_pid") and os.getppid() != job["parent_pid"]:
+        return EXIT_INTERRUPTED  # the parent died before prctl took effect
+    return run_job(job)
+
+
+def forked_main(job_file: str, log_file: str, threads: int) -> None:
+    """A worker forked from the local executor's forkserver (torch already imported).
+
+    It leaves the driver's session (a terminal's Ctrl-C goes to the driver, which
+    forwards one SIGINT), restores the default SIGINT behaviour the forkserver
+    had turned off, and writes its output to its log.
+    """
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    die_with_parent()
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.exit(run_job(json.loads(Path(job_file).read_text())))
+
+
+def run_job(job: dict) -> int:
     claim = Path(job["claim"])
     lock = open(claim.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the process's life
     fcntl.flock(lock, fcntl.LOCK_EX)
@@ -61,10 +86,11 @@ def main(argv: list[str]) -> int:
                                          else "") + f": {trainer.run_dir}", flush=True)
         run_dir = trainer.run()
     except LmlabError as e:
-        print(f"lmlab: error: {e}", file=sys.stderr)
+        print(f"lmlab: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # a second SIGINT, or one before the loop had its handler
-        print("lmlab: interrupted before a checkpoint could be saved.", file=sys.stderr)
+        print("lmlab: interrupted before a checkpoint could be saved.", file=sys.stderr,
+              flush=True)
         return EXIT_INTERRUPTED
     status = read_manifest(run_dir)["status"]
     print(f"Run {run_dir.name} {status}", flush=True)
