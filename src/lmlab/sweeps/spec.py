@@ -266,6 +266,28 @@ def setup_of(cfg: dict[str, Any]) -> dict[str, Any]:
             "token budget": token_budget({"config": cfg, "world_size": 1})}
 
 
+def check_hooks(sweep: Sweep) -> None:
+    """Build each distinct from-scratch model with its hooks once, so an unknown hook name or
+    parameter stops the sweep before any run starts (imported models are checked by their run).
+    """
+    from lmlab.hooks.manager import ExperimentHooks
+    from lmlab.model.build import build_adapter
+
+    seen = set()
+    for run in sweep.runs:
+        c = run.config
+        blob = json.dumps([c["model"], c["hooks"], c["data"]["path"]], sort_keys=True)
+        if c["model"]["model_name"] is not None or blob in seen:
+            continue
+        seen.add(blob)
+        meta = json.loads((Path(c["data"]["path"]) / "meta.json").read_text())
+        cfg = from_dict(c)
+        try:
+            ExperimentHooks(cfg.hooks, build_adapter(cfg, meta["vocab_size"]))
+        except LmlabError as e:
+            raise LmlabError(f"Variant {run.variant} of the sweep: {e}") from None
+
+
 def check_setups(sweep: Sweep) -> None:
     """Refuse a sweep whose variants would run different set-ups at one grid point."""
     cache: dict[str, dict[str, Any]] = {}
@@ -283,6 +305,7 @@ def check_setups(sweep: Sweep) -> None:
                         f"variant {first[0]} but {value} for {run.variant}. Variants must "
                         "differ only in how the model learns; put set-up changes in `grid:` "
                         "(or set train.device / train.dtype explicitly in `set:`).")
+    check_hooks(sweep)
 
 
 def dump_resolved(sweep: Sweep) -> str:
