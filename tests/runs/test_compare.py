@@ -112,7 +112,7 @@ def test_group_by_variant_aggregates_replicates(tmp_path):
     out = compare(runs, root=tmp_path, plot=png, group_by="variant")
     assert "bp  3      2.2000   0.2000  [1.7032, 2.6968]" in out
     assert "fa vs bp: higher by 0.450 ± 0.404 nats, p = 0.038 (n = 4 vs 3)" in out
-    assert "warning: left out fa-crashed (fa): status failed" in out
+    assert "warning: left out fa-crashed, variant fa: status failed" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 

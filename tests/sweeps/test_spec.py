@@ -71,7 +71,8 @@ def test_random_search_draws_in_range_and_records(sweep_file):
     ({"grid": {"hooks": [{}]}}, "Unknown key 'hooks' in grid"),
     ({"grid": {"train.lr": [1e-3, "fast"]}}, "Run backprop-g1-s1 .*train.lr = 'fast' has the "
                                              "wrong type"),
-    ({"variants": {"backprop": {}, "a": {"train.optimizer": "adam"}}}, "Run a-s1 .*train.optimizer"),
+    ({"variants": {"backprop": {}, "a": {"train.optimizer": "adam"}}},
+     "Run a-s1 .*train.optimizer"),
     ({"variants": {}}, "`variants` in the sweep file is empty"),
     ({"grid": {}}, "`grid` in the sweep file is empty"),
     ({"grid": {"train.lr": []}}, "grid.train.lr must be a non-empty list"),

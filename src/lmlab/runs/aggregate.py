@@ -41,7 +41,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     t = c.get("train", {})
     per_step = (t.get("batch_size", 0) * t.get("grad_accum", 1) *
                 c.get("data", {}).get("block_size", 0) * m.get("world_size", 1))
-    return {"run_id": m.get("run_id", run_dir.name), "dir": str(run_dir),
+    run_id, key = m.get("run_id", run_dir.name), (m.get("sweep") or {}).get("key")
+    return {"run_id": run_id, "label": f"{key} ({run_id})" if key else run_id,
+            "dir": str(run_dir),
             "status": m.get("status"), "base_hash": m.get("base_hash"),
             "device": m.get("device"), "dtype": m.get("dtype"),
             "data_hash": m.get("data_hash"), "world_size": m.get("world_size", 1),
@@ -87,8 +89,8 @@ def aggregate(blocks: dict[str, dict[str, list[dict[str, Any]]]], baseline: str,
         for name, rs in groups.items():
             bad = [r for r in rs if r["status"] != "finished" or r[metric] is None]
             for r in bad:
-                warnings.append(f"left out {r['run_id']} ({name}{', ' + where if where else ''})"
-                                f": status {r['status']}")
+                warnings.append(f"left out {r['label']}, variant {name}"
+                                f"{', ' + where if where else ''}: status {r['status']}")
             kept[name] = [r for r in rs if r not in bad]
         problems = setup_problems({n: rs for n, rs in kept.items() if rs}, where)
         if problems:

@@ -72,7 +72,7 @@ class LocalExecutor:
         claim = self.sweep_dir / "claims" / f"{key}.json"
         claim.unlink(missing_ok=True)
         job_file = self.sweep_dir / "claims" / f"{key}.job.json"
-        job_file.write_text(json.dumps({**job, "claim": str(claim)}))
+        job_file.write_text(json.dumps({**job, "claim": str(claim), "driver_pid": os.getpid()}))
         (self.sweep_dir / "logs").mkdir(exist_ok=True)
         log = self.sweep_dir / "logs" / f"{key}.log"
         proc = self.ctx.Process(target=forked_main, args=(str(job_file), str(log), self.threads),

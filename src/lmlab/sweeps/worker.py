@@ -3,8 +3,9 @@ backend), or started as `python -m lmlab.sweeps.worker JOB.json` (Ray backend).
 
 A process per run isolates a crash, and lets the driver stop a run the way a
 user would (SIGINT: finish the step, save a checkpoint). The worker asks the
-kernel for SIGINT when its parent dies, so a killed driver does not leave
-orphans training on: they save and stop, and `sweep resume` continues them.
+kernel for SIGINT when its parent dies, and a forked one also watches the driver,
+so a killed driver does not leave orphans training on: they save and stop, and
+`sweep resume` continues them.
 It holds a lock on its claim file while it lives, so a resume waits for it.
 
 Exit status: 0 finished, 3 interrupted (checkpoint saved), 2 bad input, 1 crash.
@@ -16,8 +17,10 @@ import ctypes
 import fcntl
 import json
 import os
+import select
 import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_INTERRUPTED = 3
@@ -35,6 +38,23 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def watch_driver(pid: int) -> None:
+    """SIGINT this process when the driver `pid` exits (Linux pidfd; elsewhere a no-op).
+
+    A forked worker's parent is the forkserver, which may outlive a killed driver.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=wait, name="lmlab-watch-driver", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
@@ -60,10 +80,12 @@ def forked_main(job_file: str, log_file: str, threads: int) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     die_with_parent()
+    job = json.loads(Path(job_file).read_text())
+    watch_driver(job["driver_pid"])
     import torch
 
     torch.set_num_threads(threads)
-    sys.exit(run_job(json.loads(Path(job_file).read_text())))
+    sys.exit(run_job(job))
 
 
 def run_job(job: dict) -> int:
