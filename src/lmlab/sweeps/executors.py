@@ -195,7 +195,9 @@ class RayExecutor:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="ERROR")
         except (ConnectionError, RuntimeError) as e:
-            raise LmlabError(f"Could not join the Ray cluster at {address}: {e}") from None
+            raise LmlabError(f"Could not join the Ray cluster at {address}: {e}. A cluster with "
+                             "token authentication needs RAY_AUTH_MODE=token and its token "
+                             "(RAY_AUTH_TOKEN or ~/.ray/auth_token) here too.") from None
         self.task = ray.remote(run_in_tempdir)
         self.refs: dict[Any, tuple[str, str]] = {}
 
