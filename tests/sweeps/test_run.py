@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics
 from lmlab.runs.compare import compare
 from lmlab.sweeps import run as sweep_run
@@ -76,6 +77,11 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
     assert "4/6 done, 0 running, 2 failed" in store.status_report(d)
     again = []
     sweep_run.resume(d, retries=0, out=again.append)  # the failed runs are retried
+    manifest = Path(index["runs"][1]["run_dir"]) / "manifest.json"  # as if run elsewhere
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "dtype": "bfloat16"}))
+    with pytest.raises(LmlabError, match="Refusing to compare a mixed set-up.*dtype differs"):
+        report(d)
     assert sum("crash-s" in line and "started" in line for line in again) == 2
     assert [r["run_dir"] for r in store.load(d)["runs"] if r["status"] == "finished"] == [
         r["run_dir"] for r in index["runs"] if r["status"] == "finished"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,18 @@ def status_line(index: dict[str, Any], jobs: int) -> str:
     return line
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def status_report(sweep_dir: str | Path) -> str:
     """`lmlab sweep status`: counts, ETA, and a line per run."""
     index = load(sweep_dir)
@@ -122,6 +135,10 @@ def status_report(sweep_dir: str | Path) -> str:
                      + (f"  (run says {manifest_status})" if manifest_status not in
                         ("", r["status"]) else ""))
     c = counts(index)
-    if c[FINISHED] < len(index["runs"]) and c[RUNNING] == 0:
+    alive = _alive(index.get("driver_pid"))
+    if c[RUNNING] and not alive:
+        lines.append("Its driver is no longer running (killed?): the runs marked running "
+                     "saved a checkpoint and stopped.")
+    if c[FINISHED] < len(index["runs"]) and not (c[RUNNING] and alive):
         lines.append(f"Not running. Continue with: lmlab sweep resume {sweep_dir}")
     return "\n".join(lines)
