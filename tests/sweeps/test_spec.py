@@ -75,6 +75,7 @@ def test_random_search_draws_in_range_and_records(sweep_file):
     ({"variants": {"backprop": {}, "a": {"train.optimizer": "adam"}}},
      "Run a-s1 .*train.optimizer"),
     ({"variants": {}}, "`variants` in the sweep file is empty"),
+    ({"set": {"run.seed": 3}}, "'run.seed' in set: a sweep sets each run's seed from `seeds:`"),
     ({"grid": {}}, "`grid` in the sweep file is empty"),
     ({"grid": {"train.lr": []}}, "grid.train.lr must be a non-empty list"),
     ({"seeds": 0}, "`seeds` = 0"),

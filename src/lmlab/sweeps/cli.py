@@ -30,6 +30,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         print(report(args.dir, args.metric, args.plot, args.json))
 
 
+DIR_HELP = "a sweep folder, sweeps/<sweep_id> (printed by `lmlab sweep run`)"
+
+
 def _execution(p: argparse.ArgumentParser, defaults: bool) -> None:
     from lmlab.sweeps.run import DEFAULT_JOBS, DEFAULT_THREADS
 
@@ -57,19 +60,27 @@ def add_commands(sub: Any) -> None:
     r = ss.add_parser("run", help="validate, expand and run a sweep file",
                       description="Every run's config is built and validated, and the set-ups "
                       "checked, before any run starts. Ctrl-C stops every run cleanly.")
-    r.add_argument("file", metavar="FILE", help="the sweep file (YAML)")
+    r.add_argument("file", metavar="FILE", help="the sweep file (YAML): name, base, set, "
+                   "seeds, baseline, variants, and optionally grid (or method: random)")
     r.add_argument("--out", default="sweeps", help="where sweep folders go (default: sweeps)")
     r.add_argument("--yes", action="store_true", help="allow a sweep of more than 500 runs")
     _execution(r, defaults=True)
     r = ss.add_parser("resume", help="finish a stopped sweep",
                       description="Finished runs are kept, interrupted ones continue from their "
                       "checkpoint, failed ones are retried.")
-    r.add_argument("dir", metavar="SWEEP_DIR")
+    r.add_argument("dir", metavar="SWEEP_DIR", help=DIR_HELP)
     _execution(r, defaults=False)
-    r = ss.add_parser("status", help="runs done / running / failed, and the ETA")
-    r.add_argument("dir", metavar="SWEEP_DIR")
-    r = ss.add_parser("report", help="per variant: n, mean ± sd, 95%% CI; tests vs baseline")
-    r.add_argument("dir", metavar="SWEEP_DIR")
+    r = ss.add_parser("status", help="runs done / running / failed, and the ETA",
+                      description="Count the sweep's runs by status, estimate the time left "
+                      "from the finished runs, and list each run with its progress.")
+    r.add_argument("dir", metavar="SWEEP_DIR", help=DIR_HELP)
+    r = ss.add_parser("report", help="per variant: n, mean ± sd, 95%% CI; tests vs baseline",
+                      description="Per variant and grid point: n, mean ± sd and a 95%% t "
+                      "interval of the val loss over seeds; each variant against the baseline "
+                      "with Welch's t-test and a bootstrap interval, and a plain verdict. "
+                      "Unfinished runs are left out with a warning; a sweep that mixes set-ups "
+                      "is refused.")
+    r.add_argument("dir", metavar="SWEEP_DIR", help=DIR_HELP)
     r.add_argument("--metric", choices=["final_val", "best_val"], default="final_val",
                    help="final or best validation loss of each run (default final_val)")
     r.add_argument("--plot", metavar="FILE.png",

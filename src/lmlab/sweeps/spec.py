@@ -76,6 +76,9 @@ def check_key(key: str, where: str, allow_hooks: bool = True) -> None:
     sections = config_keys()
     if allow_hooks and key == "hooks":
         return
+    if key in ("run.seed", "run.name"):
+        raise LmlabError(f"'{key}' in {where}: a sweep sets each run's seed from `seeds:` and "
+                         "names runs after the sweep, variant and seed; remove it.")
     section, _, field = str(key).partition(".")
     if section not in sections or section == "hooks":
         valid = [s for s in sections if s != "hooks"]
