@@ -73,10 +73,12 @@ def verdict(diff: float, ci: list[float], p: float, n_a: int, n_b: int, unit: st
     half = (ci[1] - ci[0]) / 2
     if p is None or math.isnan(p) or p >= 1 - LEVEL:
         return (f"no detectable difference at {n} ({diff:+.3f} {unit}, 95% CI "
-                f"[{ci[0]:+.3f}, {ci[1]:+.3f}], p = {_p(p)})")
+                f"[{ci[0]:+.3f}, {ci[1]:+.3f}], {_p(p)})")
     word = "lower" if diff < 0 else "higher"
-    return f"{word} by {abs(diff):.3f} ± {half:.3f} {unit}, p = {_p(p)} ({n})"
+    return f"{word} by {abs(diff):.3f} ± {half:.3f} {unit}, {_p(p)} ({n})"
 
 
-def _p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+def _p(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "p = n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
