@@ -64,7 +64,7 @@ def test_bad_inputs_write_nothing(hf_folder_factory, tmp_path, models_root) -> N
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2",
                                                   "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(LmlabError, match="Supported model types: llama, qwen2, qwen3"):
+    with pytest.raises(LmlabError, match="Supported model types: gemma3_text, llama, qwen2, qwen3"):
         import_model(str(gpt2), root=models_root)
 
     with pytest.raises(LmlabError, match="not allowed"):

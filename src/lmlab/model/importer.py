@@ -56,8 +56,13 @@ def derive_name(source: str) -> str:
 # --- source kinds -----------------------------------------------------------------------
 
 
-def _supported_or_raise(model_type: str | None, what: str, architectures: Any = None) -> type:
-    """The adapter class for `model_type`, or an error naming the architectures lmlab supports."""
+def _supported_or_raise(model_type: str | None, what: str, architectures: Any = None,
+                        hf_cfg: dict[str, Any] | None = None) -> type:
+    """The adapter class for `model_type`, or an error naming the architectures lmlab supports.
+
+    The adapter also checks the config itself (Gemma 3 refuses soft-capping), so a
+    model it would run wrongly is refused here, before any weights are read.
+    """
     from lmlab.model.adapters import adapter_class, supported_architectures
     from lmlab.model.adapters.hf import HFCausalLMAdapter
 
@@ -65,6 +70,7 @@ def _supported_or_raise(model_type: str | None, what: str, architectures: Any = 
     if model_type in supported:
         cls = adapter_class(model_type)
         if issubclass(cls, HFCausalLMAdapter):
+            cls.check_config(hf_cfg or {})
             return cls
     arch = f" ({', '.join(architectures)})" if architectures else ""
     raise LmlabError(
@@ -301,7 +307,8 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
             raise LmlabError(f"{cfg_file} is not valid JSON ({e}).") from None
         model_type, architectures = hf_cfg.get("model_type"), hf_cfg.get("architectures")
         what = f"{source}"
-    adapter_cls = _supported_or_raise(model_type, what, architectures)
+    adapter_cls = _supported_or_raise(model_type, what, architectures,
+                                      None if kind == "gguf" else hf_cfg)
 
     import torch
     from transformers import AutoTokenizer
