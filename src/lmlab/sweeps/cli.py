@@ -74,7 +74,8 @@ def add_commands(sub: Any) -> None:
                       description="Count the sweep's runs by status, estimate the time left "
                       "from the finished runs, and list each run with its progress.")
     r.add_argument("dir", metavar="SWEEP_DIR", help=DIR_HELP)
-    r = ss.add_parser("report", help="per variant: n, mean ± sd, 95 percent interval; tests vs baseline",
+    r = ss.add_parser("report", help="per variant: n, mean ± sd, 95 percent interval; "
+                      "tests vs baseline",
                       description="Per variant and grid point: n, mean ± sd and a 95% t "
                       "interval of the val loss over seeds; each variant against the baseline "
                       "with Welch's t-test and a bootstrap interval, and a plain verdict. "
