@@ -19,6 +19,7 @@ from lmlab.hooks.cli import add_commands as add_hooks_commands
 from lmlab.model.cli import add_commands as add_model_commands
 from lmlab.runs.compare import add_compare
 from lmlab.runs.plot import add_plot
+from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -38,11 +39,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab import records as mf
-    from lmlab.config import load_config, read_yaml, resolve_config_path
+    from lmlab.config import load_config, load_raw
     from lmlab.train.loop import Trainer, config_for_resume
 
     if args.resume:
-        base = read_yaml(resolve_config_path(args.config)) if args.config else None
+        base = load_raw(args.config) if args.config else None
         cfg = config_for_resume(args.resume, base, args.set)
     else:
         cfg = load_config(args.config, args.set)
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plot(rs)
     add_hooks_commands(sub)
     add_model_commands(sub)
+    add_sweep_commands(sub)
     return p
 
 

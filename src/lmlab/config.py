@@ -3,8 +3,9 @@
 Validation is strict because a silently ignored key is a silently wrong
 experiment: an unknown key names the valid ones, a wrong type names the type.
 The hash is over the resolved config, so two runs with the same hash ran the
-same set-up; the *base* hash leaves out `hooks`, so runs that differ only in
-their hooks can be compared.
+same set-up; the *base* hash leaves out `hooks` and the seed, so runs that
+differ only in their hooks can be compared and seeds are replicates of one
+set-up. A config file may say `base: NAME|PATH` to inherit from another.
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ class Config:
     def base_hash(self) -> str:
         """Hash of the set-up without hooks: runs with equal base hashes are comparable.
 
-        Book-keeping that cannot change what is learned (names, folders, how
-        often to log, evaluate or save) is left out too, so a baseline and an
-        experiment named differently still compare.
+        The seed is left out: runs that differ only in it are replicates of one
+        set-up, not different set-ups (the manifest keeps the seed). Book-keeping
+        that cannot change what is learned (names, folders, how often to log,
+        evaluate or save) is left out too, so a baseline and an experiment named
+        differently still compare.
         """
         d = self.to_dict()
         d.pop("hooks")
@@ -136,7 +139,7 @@ class Config:
         return config_hash(d)
 
 
-BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
+BOOKKEEPING = [("run", "name"), ("run", "seed"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
                ("train", "parallel"), ("run", "tensorboard")]
@@ -146,6 +149,7 @@ BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
 LATER_KEYS = {("train", "on_nonfinite"): "stop", ("train", "max_nonfinite_skips"): 10,
               ("run", "tensorboard"): True,
               **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()}}
+LATER_SECTIONS = ("telemetry",)
 
 
 def config_hash(d: dict[str, Any]) -> str:
@@ -153,8 +157,9 @@ def config_hash(d: dict[str, Any]) -> str:
     for (section, key), default in LATER_KEYS.items():
         if section in d and d[section].get(key, default) == default:
             d[section].pop(key, None)
-            if not d[section]:  # a section added later, at its defaults throughout
-                d.pop(section)
+    for section in LATER_SECTIONS:  # a section added later, at its defaults throughout
+        if d.get(section) == {}:
+            d.pop(section)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -363,9 +368,39 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw(name_or_path: str | None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its `base:` chain merged in (the file wins over its base).
+
+    A base is a path (relative to the file that names it) or a ready config's name.
+    """
+    path = resolve_config_path(name_or_path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise LmlabError(f"Config files inherit from each other in a cycle: {chain}. "
+                         "Remove one of these `base:` lines.")
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise LmlabError(f"`base:` in {path} must be a config name or path, not {base!r}.")
+    near = path.parent / base
+    return deep_merge(load_raw(str(near) if near.is_file() else base, (*_seen, path)), raw)
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    raw = read_yaml(resolve_config_path(name_or_path))
-    return from_dict(apply_overrides(raw, overrides or []))
+    return from_dict(apply_overrides(load_raw(name_or_path), overrides or []))
 
 
 def dump_yaml(cfg: Config) -> str:

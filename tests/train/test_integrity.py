@@ -28,9 +28,10 @@ from lmlab.records import effective_status
 
 
 def test_new_keys_leave_existing_hashes_and_resumes_alone():
-    # the hashes of the default config before train.on_nonfinite existed (lmlab main, 0cf60dc)
+    # the hashes of the default config before train.on_nonfinite existed (lmlab main, 0cf60dc);
+    # the base hash is the one after run.seed left it (issue 11: seeds are replicates)
     cfg = from_dict({})
-    assert (cfg.hash(), cfg.base_hash()) == ("5470deafca8af650", "7482090e04f92202")
+    assert (cfg.hash(), cfg.base_hash()) == ("5470deafca8af650", "af6f088090b1de51")
     skip = from_dict({"train": {"on_nonfinite": "skip"}})
     assert skip.hash() != cfg.hash() and skip.base_hash() != cfg.base_hash()
     from lmlab.train.loop import _check_resume

@@ -196,6 +196,7 @@ def test_histograms_on_a_too_large_model_warn_and_are_skipped(make_config, monke
 def test_config_hashes_are_unchanged_until_telemetry_is_used():
     base = Config()
     assert base.hash() == "5470deafca8af650"  # what every earlier config hashed to
+    assert base.base_hash() == "af6f088090b1de51"
     on = Config()
     on.telemetry.every = 50
     assert on.hash() != base.hash() and on.base_hash() == base.base_hash()

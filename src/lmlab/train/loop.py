@@ -96,8 +96,11 @@ def _check_resume(ckpt: dict, cfg: Config, hooks: ExperimentHooks, data_hash: st
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None,
-                 allow_config_change: bool = False, progress: bool = True) -> None:
+                 allow_config_change: bool = False, progress: bool = True,
+                 manifest: dict[str, Any] | None = None) -> None:
+        """`manifest`: extra fields for the run's manifest (e.g. a sweep's variant and seed)."""
         self.cfg, t = cfg, cfg.train
+        self.manifest_extra = dict(manifest or {})
         self.dist = distributed.setup(t.device, t.parallel)
         self.device = self.dist.device or resolve_device(t.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
@@ -198,7 +201,7 @@ class Trainer:
             "host": socket.gethostname(),
         })
         m.setdefault("created_at", m["updated_at"])
-        m.update(extra or {})
+        m.update({**self.manifest_extra, **(extra or {})})
         mf.write_json(path, m)
 
     def save(self) -> Path:
