@@ -2,9 +2,12 @@
 
 Pre-LayerNorm blocks of causal self-attention and MLP, a final LayerNorm and an
 LM head tied to the token embedding, in the manner of nanoGPT. Every place an
-experiment may touch is a `HookPoint` named as TransformerLens names it. The
-fused attention kernel is used unless the scores or the pattern are hooked,
-since only then must they exist as tensors.
+experiment may touch is a `HookPoint` named as TransformerLens names it.
+Attention after the q/k/v projections (and rotary) is the shared core in
+`lmlab.model.attention`, which every imported family runs too, and the norms
+expose TL's `ln1` / `ln2` / `ln_final` points through `lmlab.model.norms`; the
+LayerNorm weights keep their nanoGPT names `ln_1` / `ln_2`, so checkpoints load
+as before.
 
 The speedrun knobs (modded-nanogpt's) are config fields whose defaults give
 nanoGPT's model exactly: RMSNorm, ReLU^2 or SwiGLU MLPs, QK-norm, an untied
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.model.attention import add_attention_points, attend, on_heads
+from lmlab.model.norms import Gain, NormPoints, hooked_norm, layer_norm, layer_norm_gain
 from lmlab.model.points import HookPoint
 
 
@@ -104,9 +109,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B,T,H,hd]
-        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B,H,Tq,Tk]
-        self.hook_z = HookPoint()  # [B,T,H,hd]
+        add_attention_points(self, rotary=cfg.pos_encoding == "rotary", qk_norm=cfg.qk_norm)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
 
@@ -117,32 +120,14 @@ class Attention(nn.Module):
         if ve is not None:
             v = v + ve.view_as(v)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,hd]
+        if hasattr(self, "q_norm"):  # QK-norm, before rotary
+            q, k = self.hook_q_normed(self.q_norm(q)), self.hook_k_normed(self.k_norm(k))
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        Tk = k.size(2)
-        # queries are the last T of Tk positions; a single new token sees every cached one
-        mask = None
-        if 1 < T < Tk:
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        dropout = self.dropout if self.training else 0.0
-        if self.hook_attn_scores.active or self.hook_pattern.active:
-            # hooks see the scores before the causal mask, so no hook can unmask the future
-            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim))
-            if T > 1:
-                if mask is None:
-                    mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril()
-                scores = scores.masked_fill(~mask, float("-inf"))
-            pattern = self.hook_pattern(F.softmax(scores, dim=-1))
-            z = F.dropout(pattern, dropout, self.training) @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=T > 1 and mask is None)
-        z = self.hook_z(z.transpose(1, 2))
+            q = on_heads(self.hook_rot_q, apply_rotary(q, *rotary))
+            k = on_heads(self.hook_rot_k, apply_rotary(k, *rotary))
+        z = attend(q, k, v, self, cache=cache, layer=layer,
+                   dropout=self.dropout if self.training else 0.0)
         return self.proj(z.reshape(B, T, C))
 
 
@@ -167,29 +152,32 @@ class MLP(nn.Module):
         return self.proj(self.hook_post(a))
 
 
-class Norm(nn.Module):
-    """LayerNorm (nn.LayerNorm's parameters and arithmetic) or RMSNorm, by config."""
+def make_norm(d: int, cfg: TransformerConfig) -> nn.Module:
+    """nanoGPT's LayerNorm, or RMSNorm (`model.norm`); both keep the parameter name `weight`."""
+    return nn.LayerNorm(d, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(d, eps=1e-5)
 
-    def __init__(self, d: int, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.rms = cfg.norm == "rmsnorm"
-        self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d)) if cfg.bias and not self.rms else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rms:
-            return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+def rms_norm_gain(norm: nn.RMSNorm) -> Gain:
+    return lambda h, x: (h * norm.weight).to(x.dtype)
+
+
+def apply_norm(x: torch.Tensor, norm: nn.Module, points: nn.Module) -> torch.Tensor:
+    """The norm with TransformerLens's points (hook_normalized is before the gain, either kind)."""
+    if isinstance(norm, nn.RMSNorm):
+        return hooked_norm(x, norm, points, eps=norm.eps, gain=rms_norm_gain(norm))
+    return layer_norm(x, norm, points)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.ln_1 = Norm(cfg.d_model, cfg)
+        self.ln_1 = make_norm(cfg.d_model, cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = Norm(cfg.d_model, cfg)
+        self.ln_2 = make_norm(cfg.d_model, cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        # TransformerLens's blocks.{i}.ln1 / ln2 points; the weights keep their names ln_1 / ln_2
+        self.ln1, self.ln2 = NormPoints(), NormPoints()
         if cfg.embed_skip:
             self.skip = nn.Parameter(torch.zeros(1))
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
@@ -202,21 +190,35 @@ class Block(nn.Module):
         if x0 is not None:
             x = x + self.skip * x0
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln_1(x), rotary, cache, layer, ve)))
+        h = apply_norm(x, self.ln_1, self.ln1)
+        attn_out = self.hook_attn_out(self.drop(self.attn(h, rotary, cache, layer, ve)))
         x = self.hook_resid_mid(x + attn_out)
-        mlp_out = self.hook_mlp_out(self.drop(self.mlp(self.ln_2(x))))
+        mlp_out = self.hook_mlp_out(self.drop(self.mlp(apply_norm(x, self.ln_2, self.ln2))))
         return self.hook_resid_post(x + mlp_out)
 
 
-class FinalNorm(Norm):
-    """The final norm with the `ln_final.hook_normalized` point on its output."""
+class FinalNorm(nn.LayerNorm):
+    """The final LayerNorm, holding its own `ln_final.hook_scale` / `hook_normalized` points."""
 
-    def __init__(self, d: int, cfg: TransformerConfig) -> None:
-        super().__init__(d, cfg)
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__(d, bias=bias)
+        self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_normalized(super().forward(x))
+        return hooked_norm(x, super().forward, self, eps=self.eps, gain=layer_norm_gain(self),
+                           center=True)
+
+
+class FinalRMSNorm(nn.RMSNorm):
+    """The final norm when `model.norm: rmsnorm`, with the same points as FinalNorm."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d, eps=1e-5)
+        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hooked_norm(x, super().forward, self, eps=self.eps, gain=rms_norm_gain(self))
 
 
 class Transformer(nn.Module):
@@ -231,14 +233,17 @@ class Transformer(nn.Module):
                                  persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_final = FinalNorm(cfg.d_model, cfg)
+        self.ln_final = (FinalNorm(cfg.d_model, cfg.bias) if cfg.norm == "layernorm"
+                         else FinalRMSNorm(cfg.d_model))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.value_embed:
             self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model)
                                               for _ in range(cfg.n_layer))
-        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.hook_embed = HookPoint()
+        if cfg.pos_encoding != "rotary":  # rotary has no position embedding to hook
+            self.hook_pos_embed = HookPoint()
         self.hook_logits = HookPoint()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -271,7 +276,7 @@ class Transformer(nn.Module):
             if start + T > self.cfg.block_size:
                 raise ValueError(f"{start + T} positions exceed block_size {self.cfg.block_size}")
             table = self.wpe.weight if self.cfg.pos_encoding == "learned" else self.sinusoid
-            x = x + self.hook_pos_embed(table[start:start + T])
+            x = x + self.hook_pos_embed(table[start:start + T].expand(B, T, -1))
         x = x0 = self.drop(x)
         for i, block in enumerate(self.blocks):
             ve = self.value_embeds[i](idx) if self.cfg.value_embed else None
