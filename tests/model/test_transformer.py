@@ -183,7 +183,9 @@ def test_knob_shapes_gradients_hooks_and_cache(knob):
         assert all(g.abs().sum() > 0 for n, g in grads.items() if n != "wpe.weight"), knob
     names = set(CustomTransformerAdapter(m.cfg).hook_points())
     assert {"ln_final.hook_normalized", "blocks.1.mlp.hook_post", "blocks.0.attn.hook_q",
-            "hook_logits", "blocks.1.hook_resid_pre"} <= names
+            "hook_logits", "blocks.1.hook_resid_pre", "blocks.0.ln1.hook_normalized"} <= names
+    if knob.get("qk_norm"):
+        assert {"blocks.0.attn.hook_q_normed", "blocks.0.attn.hook_k_normed"} <= names
     m.eval()
     cache = m.new_cache(2, torch.device("cpu"), torch.float32)
     steps = [m(x[:, :10], cache)] + [m(x[:, i:i + 1], cache) for i in range(10, 32)]
@@ -218,6 +220,18 @@ def test_rmsnorm_normalises_without_centring_and_final_hook_sees_it():
     assert getattr(tiny(norm="rmsnorm", bias=True).ln_final, "bias", None) is None
     rms = seen[0].square().mean(-1).sqrt()
     assert torch.allclose(rms, torch.ones_like(rms), atol=0.02)  # eps 1e-5 on a small residual
+
+
+def test_hooked_rmsnorm_points_leave_the_logits_alone():
+    m = tiny(norm="rmsnorm")
+    x = torch.randint(0, 97, (1, 32))
+    plain = m(x)
+    hs = [p.register_forward_hook(lambda _m, i, o: o.clone())  # a hook that rebuilds the output
+          for p in (m.ln_final.hook_normalized, m.blocks[0].ln1.hook_normalized)]
+    hooked = m(x)
+    for h in hs:
+        h.remove()
+    assert torch.allclose(hooked, plain, atol=1e-5)
 
 
 def test_untied_zero_init_head_starts_uniform_and_softcap_bounds_logits():
