@@ -34,6 +34,25 @@ def crash_at(named_params, *, step, lr, at: int = 3):
         raise RuntimeError("deliberate crash")
 '''
 
+# Tiny runs finish 300 steps in about a second on an idle machine, faster than a test can
+# catch one mid-way: this plugin makes each step last at least 10 ms, whatever the load.
+PAUSE = '''
+import time
+
+from lmlab.hooks.registry import register
+
+
+@register("update")
+def pause(named_params, *, step, lr, seconds: float = 0.01):
+    time.sleep(seconds)
+'''
+
+
+def paused(tmp_path: Path) -> dict:
+    plugin = tmp_path / "pause.py"
+    plugin.write_text(PAUSE)
+    return {"hooks": {"plugins": [str(plugin)], "update": [{"name": "pause"}]}}
+
 
 def final_losses(index: dict) -> dict[str, float]:
     return {r["key"]: read_metrics(Path(r["run_dir"]))[-1]["val_loss"] for r in index["runs"]
@@ -108,7 +127,11 @@ def _wait_for(cwd: Path, ready, timeout: float = 120) -> Path:
             if index and ready(index):
                 return found[0].parent
         time.sleep(0.1)
-    raise AssertionError("the sweep never reached the expected state")
+    found = list((cwd / "sweeps").glob("*/index.json"))
+    logs = "".join(f"\n--- {f.name}\n{f.read_text()[-1500:]}"
+                   for f in sorted((cwd / "sweeps").glob("*/logs/*.log")))
+    raise AssertionError("the sweep never reached the expected state: "
+                         f"{found[0].read_text() if found else 'no index'}{logs}")
 
 
 def _mid_second_run(index: dict) -> bool:
@@ -127,7 +150,7 @@ LONGER = {"set": {**TINY, "train.max_steps": 300, "train.checkpoint_every": 20,
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(sweep_file, corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = sweep_file(seeds=3, variants={"backprop": {}},
+    path = sweep_file(seeds=3, variants={"backprop": paused(tmp_path)},
                       set={**LONGER["set"], "data.path": str(corpus_dir)})
     driver = _driver(path, tmp_path)
     d = _wait_for(tmp_path, _mid_second_run)
@@ -150,7 +173,7 @@ def test_resume_after_the_driver_is_killed(sweep_file, corpus_dir, tmp_path, mon
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_run_with_a_checkpoint(sweep_file, corpus_dir, tmp_path):
-    path = sweep_file(seeds=3, variants={"backprop": {}},
+    path = sweep_file(seeds=3, variants={"backprop": paused(tmp_path)},
                       set={**LONGER["set"], "data.path": str(corpus_dir)})
     driver = _driver(path, tmp_path)
     d = _wait_for(tmp_path, _mid_second_run)
