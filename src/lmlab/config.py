@@ -53,6 +53,20 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class FinetuneConfig:
+    """How an imported model is fine-tuned: every weight (full), or LoRA adapters through PEFT."""
+
+    method: Literal["full", "lora"] = "full"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 16
@@ -79,6 +93,8 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     compile: bool = False
     threads: int | None = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    activation_checkpointing: bool = False  # imported models: recompute blocks in backward
 
 
 @dataclass
@@ -102,7 +118,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return config_hash(self.to_dict())
+        return config_hash(_without_added_defaults(self.to_dict()))
 
     def base_hash(self) -> str:
         """Hash of the set-up without hooks: runs with equal base hashes are comparable.
@@ -111,17 +127,29 @@ class Config:
         often to log, evaluate or save) is left out too, so a baseline and an
         experiment named differently still compare.
         """
-        d = self.to_dict()
+        d = _without_added_defaults(self.to_dict())
         d.pop("hooks")
         for section, key in BOOKKEEPING:
-            d[section].pop(key)
+            d[section].pop(key, None)
         return config_hash(d)
 
 
 BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
-               ("train", "parallel")]
+               ("train", "parallel"), ("train", "activation_checkpointing")]
+
+# keys added after runs were recorded: left out of the hashes while at their default, so a
+# config that does not use them keeps the hash it always had
+ADDED_KEYS = [("train", "finetune"), ("train", "activation_checkpointing")]
+
+
+def _without_added_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    defaults = Config().to_dict()
+    for section, key in ADDED_KEYS:
+        if d[section].get(key) == defaults[section][key]:
+            d[section].pop(key, None)
+    return d
 
 
 def config_hash(d: dict[str, Any]) -> str:
@@ -242,10 +270,50 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
+    _check_finetune(cfg)
     if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
                          "with fsdp, or train.parallel=ddp with muon.")
+
+
+def _check_finetune(cfg: Config) -> None:
+    t, ft = cfg.train, cfg.train.finetune
+    imported = cfg.model.model_name is not None
+    if ft.method == "lora":
+        if not imported:
+            raise LmlabError(
+                "train.finetune.method=lora adapts the frozen weights of a pretrained model, "
+                "and the from-scratch model (model.model_name: null) has none to keep: set "
+                "model.model_name to an imported model, or use train.finetune.method=full.")
+        if ft.r <= 0:
+            raise LmlabError(f"train.finetune.r = {ft.r} must be a positive rank (e.g. 16).")
+        if ft.alpha <= 0:
+            raise LmlabError(f"train.finetune.alpha = {ft.alpha} must be positive (e.g. 2 x r).")
+        if not 0.0 <= ft.dropout < 1.0:
+            raise LmlabError(f"train.finetune.dropout = {ft.dropout} must be in [0, 1).")
+        if not ft.target_modules:
+            raise LmlabError("train.finetune.target_modules is empty: name the linear layers "
+                             f"to adapt, e.g. {LORA_TARGETS}.")
+        if t.parallel == "fsdp":
+            raise LmlabError("train.finetune.method=lora is not supported with "
+                             "train.parallel=fsdp; use train.parallel=ddp (LoRA's optimizer "
+                             "state is small, so replicating it costs little).")
+    if t.activation_checkpointing:
+        if not imported:
+            raise LmlabError("train.activation_checkpointing works for imported models "
+                             "(model.model_name); the from-scratch model does not support it.")
+        if t.parallel == "fsdp":
+            raise LmlabError("train.activation_checkpointing is not supported with "
+                             "train.parallel=fsdp; use train.parallel=ddp.")
+        stateful = [h.get("name") for h in cfg.hooks.forward
+                    if isinstance(h, dict) and h.get("name") in ("record", "add_noise")]
+        if stateful:
+            raise LmlabError(
+                f"hooks.forward {stateful[0]} keeps state across calls, and with "
+                "train.activation_checkpointing every block's forward hooks run a second time "
+                "in backward (the recomputation), so it would record twice or draw other "
+                "noise. Turn train.activation_checkpointing off for this run.")
 
 
 # --- loading and overrides ------------------------------------------------------

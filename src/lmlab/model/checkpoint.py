@@ -27,7 +27,7 @@ def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
     """Write weights, model config and metadata, plus whatever loop state is given.
 
     `model=` in `state` gives the weights (a sharded run gathers them first);
-    otherwise they are the adapter's own.
+    otherwise they are the adapter's own trained ones (on a LoRA model, the LoRA weights).
     """
     path = Path(path)
     ckpt = {
@@ -38,7 +38,7 @@ def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
         **state,
     }
     if "model" not in ckpt:
-        ckpt["model"] = adapter.network.state_dict()
+        ckpt["model"] = adapter.trained_state()
     atomic_write_bytes(path, lambda f: torch.save(ckpt, f))
     return path
 

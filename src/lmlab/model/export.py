@@ -3,7 +3,9 @@
 The result loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` in any `transformers` install, without
 lmlab, and carries a model card naming the base model and the lineage, so a
-shared fine-tune never loses where it came from.
+shared fine-tune never loses where it came from. A LoRA fine-tune is written as
+a PEFT adapter folder (`PeftModel.from_pretrained(base, DIR)`), or with
+`merge=True` as the base with the LoRA updates added into its weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.model import registry
+from lmlab.model.finetune import is_lora, merged_model
 
 
 def _lineage_names(meta: dict[str, Any], root: str | Path | None) -> list[str]:
@@ -26,15 +29,16 @@ def _lineage_names(meta: dict[str, Any], root: str | Path | None) -> list[str]:
         return [parent]
 
 
-def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | None = None
-               ) -> str:
+def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | None = None,
+               adapter_only: bool = False) -> str:
     """README.md text: YAML front matter (base_model, license, tags) and a short provenance."""
     chain = _lineage_names(meta, root)
     models = registry.load_registry(root) if chain else {}
     base_entry = models.get(chain[-1], {}) if chain else {}
     base_id = base_entry.get("model_id") or meta.get("model_id") or "unknown"
     lic = base_entry.get("license") or "unknown"
-    lines = ["---", f"base_model: {base_id}", f"license: {lic}", "library_name: transformers",
+    library = "peft" if adapter_only else "transformers"
+    lines = ["---", f"base_model: {base_id}", f"license: {lic}", f"library_name: {library}",
              "tags:", "- lmlab", "- fine-tuned", "---", "",
              f"# Fine-tune of {base_id}", "",
              f"Exported by lmlab from checkpoint `{Path(ckpt.get('path', '?')).name}`"
@@ -43,6 +47,16 @@ def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | No
              f"- Fine-tuned from (immediate parent): `{chain[0] if chain else '?'}`",
              f"- Lineage: {' -> '.join(chain) if chain else 'unknown'}",
              f"- Architecture: {meta.get('architecture_type')}"]
+    ft = meta.get("finetune") or {"method": "full"}
+    if is_lora(meta):
+        lines.append(f"- Fine-tuning: LoRA r={ft['r']}, alpha={ft['alpha']}, dropout="
+                     f"{ft['dropout']} on {', '.join(ft['target_modules'])} (base weights "
+                     f"sha256 {ft['base_weights_sha256']})")
+        lines.append("- This folder: " + (
+            "a PEFT adapter; load it with `PeftModel.from_pretrained(base, DIR)`"
+            if adapter_only else "the base with the LoRA updates merged into its weights"))
+    else:
+        lines.append("- Fine-tuning: full (every weight)")
     cfg = ckpt.get("config") or {}
     data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
     if data.get("path"):
@@ -51,8 +65,12 @@ def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | No
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False,
-                      root: str | Path | None = None) -> Path:
-    """Write the checkpoint's model, tokenizer and a model card to `out`; returns `out`."""
+                      root: str | Path | None = None, merge: bool = False) -> Path:
+    """Write the checkpoint's model, tokenizer and a model card to `out`; returns `out`.
+
+    A LoRA checkpoint becomes a PEFT adapter folder, or with `merge` a whole
+    model; `merge` of a full fine-tune is just the model.
+    """
     from lmlab.model.adapters import load_adapter
     from lmlab.model.adapters.hf import HFCausalLMAdapter
 
@@ -60,7 +78,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise LmlabError(f"{out} exists and is not empty. Choose a new --out folder, or pass "
                          "--force to write into it.")
-    adapter, ckpt = load_adapter(checkpoint)
+    adapter, ckpt = load_adapter(checkpoint, models_root=root)
     if not isinstance(adapter, HFCausalLMAdapter):
         raise LmlabError(
             f"{ckpt['path']} holds lmlab's from-scratch Transformer, which has no Hugging "
@@ -73,7 +91,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
             adapter._tokenizer_folder = folder
     tok = adapter.tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    adapter.model.save_pretrained(str(out))
+    adapter_only = is_lora(adapter.meta) and not merge
+    if adapter_only:
+        adapter.lora.peft_model.save_pretrained(str(out))
+    else:
+        merged_model(adapter).save_pretrained(str(out))
     tok.save(out)
-    (out / "README.md").write_text(model_card(adapter.meta, ckpt, root))
+    (out / "README.md").write_text(model_card(adapter.meta, ckpt, root, adapter_only))
     return out
