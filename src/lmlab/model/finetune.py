@@ -15,6 +15,7 @@ registered fine-tune.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def apply_lora(adapter: Any, spec: dict[str, Any]) -> None:
             f"{', '.join(have)}.")
     config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
                         target_modules=list(spec["target_modules"]), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(adapter.model, config)  # injects in place, freezes the rest
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
+        peft_model = get_peft_model(adapter.model, config)  # injects in place, freezes the rest
     assert peft_model.base_model.model is adapter.model
     adapter.lora = LoraState(peft_model, dict(spec))
     adapter.meta["finetune"] = dict(spec)
