@@ -30,11 +30,12 @@ state (weights, optimizer state) each keeps resident.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,27 +105,42 @@ def load_str() -> str:
     return f"load avg {os.getloadavg()[0]:.2f}"
 
 
-def interleaved(runners: dict, x: torch.Tensor, y: torch.Tensor, steps: int
-                ) -> dict[str, dict[str, float]]:
-    """Median step time and the step's peak RSS above resident, each runner in turn per step."""
+def timed(runners: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median step time of each runner, the runners taking turns step by step."""
     times: dict[str, list[float]] = {k: [] for k in runners}
-    extra: dict[str, float] = {}
     for step in runners.values():  # warm-up (allocates optimizer state)
         step(x, y)
     for _ in range(steps):
         for k, step in runners.items():
-            peak_rss_reset()
-            before = rss_mib()
             t = time.perf_counter()
             step(x, y)
             times[k].append(time.perf_counter() - t)
-            extra[k] = max(extra.get(k, 0.0), peak_rss_mib() - before)
-    return {k: {"step_s": statistics.median(times[k]), "step_extra_mib": extra[k],
-                "optimizer_state_mib": state_mib(runners[k])} for k in runners}
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def lora_rows(entry: dict, steps: int, context: int) -> list[dict]:
-    """lmlab LoRA vs lmlab full vs peft + transformers, batch 4 x context, fp32."""
+def step_memory(step, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """After a warm-up step: one step's peak RSS above what was resident before it.
+
+    Run in a process holding only this runner: in a shared process, memory one
+    runner freed is reused by the next, and the figures mix.
+    """
+    step(x, y)
+    peak_rss_reset()
+    before = rss_mib()
+    step(x, y)
+    return {"resident_mib": before, "step_extra_mib": peak_rss_mib() - before,
+            "optimizer_state_mib": state_mib(step)}
+
+
+def isolated_memory(section: str, runner: str, argv: list[str]) -> dict[str, float]:
+    """`step_memory` of one runner in a fresh process (this script, --memory-of)."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", f"{section}:{runner}"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def smollm2_runners(entry: dict, names: list[str]) -> dict:
+    """lmlab LoRA, lmlab full and a peft + transformers LoRA loop, each on its own copy."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -134,44 +150,32 @@ def lora_rows(entry: dict, steps: int, context: int) -> list[dict]:
 
     ft = FinetuneConfig(method="lora")
     cls = adapter_class(entry["architecture_type"])
-    full = cls.from_registry(entry).train()
-    lora = cls.from_registry(entry).train()
-    apply_lora(lora, lora_spec(ft, entry["weights_sha256"]))
-    hf = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,
-                                              attn_implementation="sdpa")
-    peft = get_peft_model(hf, LoraConfig(r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
-                                         target_modules=ft.target_modules,
-                                         task_type="CAUSAL_LM")).train()
-    runners = {"lmlab_lora": make_step(lora, lora.parameters(), "float32"),
-               "lmlab_full": make_step(full, full.parameters(), "float32"),
-               "peft_transformers": make_step(lambda t: peft(input_ids=t).logits,
-                                              peft.parameters(), "float32")}
-    trained = {k: sum(p.numel() for g in r.optimizer.param_groups for p in g["params"])
-               for k, r in runners.items()}
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 49152, (4, context + 1), generator=g)
-    print(f"LoRA rows, batch 4 x {context}, fp32, {steps} interleaved steps ({load_str()})",
-          flush=True)
-    res = interleaved(runners, ids[:, :-1], ids[:, 1:], steps)
-    rows = []
-    for k, r in res.items():
-        row = {"runner": k, "batch": 4, "context": context, "trained_params": trained[k],
-               "tok_s": 4 * context / r["step_s"], **r}
-        rows.append(row)
-        print(f"  {k:>18}: {row['tok_s']:6.0f} tok/s, step +{r['step_extra_mib']:5.0f} MiB "
-              f"above resident, optimizer state {r['optimizer_state_mib']:6.1f} MiB, "
-              f"{trained[k] / 1e6:.2f}M trained params", flush=True)
-    by = {r["runner"]: r for r in rows}
-    lo, fu, pe = by["lmlab_lora"], by["lmlab_full"], by["peft_transformers"]
-    print(f"  LoRA/full tokens/s {lo['tok_s'] / fu['tok_s']:.2f}x (target >= 1.3), step memory "
-          f"{lo['step_extra_mib'] / fu['step_extra_mib']:.2f}x (target <= 0.6); lmlab LoRA / "
-          f"peft loop tokens/s {lo['tok_s'] / pe['tok_s']:.2f} (target >= 0.95) ({load_str()})",
-          flush=True)
-    return rows
+    runners = {}
+    for name in names:
+        if name == "lmlab_lora":
+            lora = cls.from_registry(entry).train()
+            apply_lora(lora, lora_spec(ft, entry["weights_sha256"]))
+            runners[name] = make_step(lora, lora.parameters(), "float32")
+        elif name == "lmlab_full":
+            full = cls.from_registry(entry).train()
+            runners[name] = make_step(full, full.parameters(), "float32")
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,
+                                                      attn_implementation="sdpa")
+            peft = get_peft_model(hf, LoraConfig(
+                r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
+                target_modules=ft.target_modules, task_type="CAUSAL_LM")).train()
+            runners[name] = make_step(lambda t, m=peft: m(input_ids=t).logits,
+                                      peft.parameters(), "float32")
+    return runners
 
 
-def qwen05b_rows(steps: int, batch: int, context: int) -> list[dict]:
-    """A Qwen2.5-0.5B-shaped model, random weights: full vs LoRA vs LoRA + checkpointing."""
+SMOLLM2 = ["lmlab_lora", "lmlab_full", "peft_transformers"]
+QWEN05B = ["full", "lora", "lora_ckpt"]
+
+
+def qwen05b_runners(names: list[str]) -> dict:
+    """Full fine-tuning, LoRA, and LoRA with activation checkpointing (sharing LoRA's model)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from lmlab.config import FinetuneConfig
@@ -182,43 +186,94 @@ def qwen05b_rows(steps: int, batch: int, context: int) -> list[dict]:
                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                       max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)
     torch.manual_seed(0)
-    t0 = time.perf_counter()
-    hf = Qwen2ForCausalLM(cfg)
     meta = {"architecture_type": "qwen2"}
-    full = QwenAdapter(hf, meta).train()
-    lora = QwenAdapter(copy.deepcopy(hf), meta).train()
-    apply_lora(lora, lora_spec(FinetuneConfig(method="lora"), "random"))
-    weights = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**20
-    n = sum(p.numel() for p in hf.parameters())
-    print(f"Qwen2.5-0.5B-shaped (random weights, {n / 1e6:.0f}"
-          f"M params, {weights:.0f} MiB fp32, built in {time.perf_counter() - t0:.0f}s), batch "
-          f"{batch} x {context}, fp32, {steps} interleaved steps ({load_str()})", flush=True)
-    lora_step = make_step(lora, lora.parameters(), "float32")
+    runners = {}
+    if "full" in names:
+        full = QwenAdapter(Qwen2ForCausalLM(cfg), meta).train()
+        runners["full"] = make_step(full, full.parameters(), "float32")
+    if {"lora", "lora_ckpt"} & set(names):
+        lora = QwenAdapter(Qwen2ForCausalLM(cfg), meta).train()
+        apply_lora(lora, lora_spec(FinetuneConfig(method="lora"), "random"))
+        lora_step = make_step(lora, lora.parameters(), "float32")
+        for name in ("lora", "lora_ckpt"):
+            if name in names:
+                def step(x, y, on=name == "lora_ckpt"):
+                    use_activation_checkpointing(lora, on)
+                    return lora_step(x, y)
+                step.optimizer = lora_step.optimizer
+                runners[name] = step
+    return runners
 
-    def with_checkpointing(on: bool):
-        def step(x, y):
-            use_activation_checkpointing(lora, on)
-            return lora_step(x, y)
-        step.optimizer = lora_step.optimizer
-        return step
 
-    runners = {"full": make_step(full, full.parameters(), "float32"),
-               "lora": with_checkpointing(False), "lora_ckpt": with_checkpointing(True)}
+def batch_ids(vocab: int, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (batch, context + 1), generator=g)
-    res = interleaved(runners, ids[:, :-1], ids[:, 1:], steps)
+    ids = torch.randint(0, vocab, (batch, context + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def lora_rows(entry: dict, steps: int, context: int, argv: list[str]) -> list[dict]:
+    """lmlab LoRA vs lmlab full vs peft + transformers, batch 4 x context, fp32."""
+    x, y = batch_ids(49152, 4, context)
+    print(f"LoRA rows, batch 4 x {context}, fp32, {steps} interleaved timed steps "
+          f"({load_str()})", flush=True)
+    runners = smollm2_runners(entry, SMOLLM2)
+    trained = {k: sum(p.numel() for g in r.optimizer.param_groups for p in g["params"])
+               for k, r in runners.items()}
+    times = timed(runners, x, y, steps)
+    del runners
+    print(f"  timed ({load_str()}); step memory, one fresh process per runner:", flush=True)
     rows = []
-    for k, r in res.items():
-        # what stays resident for training: weights, gradients of the trained weights (full
-        # keeps none between steps: set_to_none) and the optimizer's moments
-        row = {"runner": k, "batch": batch, "context": context, "weights_mib": weights, **r,
-               "est_peak_mib": weights + r["optimizer_state_mib"] + r["step_extra_mib"]}
+    for k in SMOLLM2:
+        mem = isolated_memory("smollm2", k, argv)
+        row = {"runner": k, "batch": 4, "context": context, "trained_params": trained[k],
+               "step_s": times[k], "tok_s": 4 * context / times[k], **mem}
         rows.append(row)
-        print(f"  {k:>10}: step {r['step_s']:6.2f} s, step +{r['step_extra_mib']:6.0f} MiB above "
-              f"resident, optimizer state {r['optimizer_state_mib']:6.0f} MiB, weights + state + "
-              f"step = {row['est_peak_mib']:6.0f} MiB", flush=True)
+        print(f"  {k:>18}: {row['tok_s']:6.1f} tok/s, step +{mem['step_extra_mib']:5.0f} MiB "
+              f"above resident ({mem['resident_mib']:.0f}), optimizer state "
+              f"{mem['optimizer_state_mib']:6.1f} MiB, {trained[k] / 1e6:.2f}M trained params",
+              flush=True)
+    by = {r["runner"]: r for r in rows}
+    lo, fu, pe = by["lmlab_lora"], by["lmlab_full"], by["peft_transformers"]
+    print(f"  LoRA/full tokens/s {lo['tok_s'] / fu['tok_s']:.2f}x (target >= 1.3), step memory "
+          f"{lo['step_extra_mib'] / fu['step_extra_mib']:.2f}x (target <= 0.6); lmlab LoRA / "
+          f"peft loop tokens/s {lo['tok_s'] / pe['tok_s']:.2f} (target >= 0.95) ({load_str()})",
+          flush=True)
+    return rows
+
+
+def qwen05b_rows(steps: int, batch: int, context: int, argv: list[str]) -> list[dict]:
+    """A Qwen2.5-0.5B-shaped model, random weights: full vs LoRA vs LoRA + checkpointing."""
+    x, y = batch_ids(151936, batch, context)
+    t0 = time.perf_counter()
+    runners = qwen05b_runners(QWEN05B)
+    print(f"Qwen2.5-0.5B-shaped (random weights, built in {time.perf_counter() - t0:.0f}s), "
+          f"batch {batch} x {context}, fp32, {steps} interleaved timed steps ({load_str()})",
+          flush=True)
+    times = timed(runners, x, y, steps)
+    del runners
+    print(f"  timed ({load_str()}); memory, one fresh process per runner:", flush=True)
+    rows = []
+    for k in QWEN05B:
+        mem = isolated_memory("qwen05b", k, argv)
+        row = {"runner": k, "batch": batch, "context": context, "step_s": times[k], **mem,
+               "peak_mib": mem["resident_mib"] + mem["step_extra_mib"]}
+        rows.append(row)
+        print(f"  {k:>10}: step {times[k]:6.2f} s, resident {mem['resident_mib']:6.0f} MiB "
+              f"(optimizer state {mem['optimizer_state_mib']:5.0f}), step +"
+              f"{mem['step_extra_mib']:5.0f} MiB, peak {row['peak_mib']:6.0f} MiB", flush=True)
     print(f"  ({load_str()})", flush=True)
     return rows
+
+
+def memory_of(spec: str, args: argparse.Namespace, entry: dict | None) -> None:
+    section, runner = spec.split(":")
+    if section == "smollm2":
+        step = smollm2_runners(entry, [runner])[runner]
+        x, y = batch_ids(49152, 4, args.context)
+    else:
+        step = qwen05b_runners([runner])[runner]
+        x, y = batch_ids(151936, args.batches[0], args.context)
+    print(json.dumps(step_memory(step, x, y)))
 
 
 def main() -> None:
@@ -234,12 +289,17 @@ def main() -> None:
                     "a peft + transformers loop on SmolLM2-135M, batch 4, fp32")
     ap.add_argument("--qwen05b", action="store_true", help="instead: a Qwen2.5-0.5B-shaped "
                     "random model, full vs LoRA vs LoRA + activation checkpointing")
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # SECTION:RUNNER, in a fresh process
     args = ap.parse_args()
-    print(describe())
+    argv = [a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_of and args.memory_of.startswith("qwen05b"):
+        return memory_of(args.memory_of, args, None)
+    if not args.memory_of:
+        print(describe())
     if args.qwen05b:
-        rows = qwen05b_rows(args.steps, args.batches[0], args.context)
+        rows = qwen05b_rows(args.steps, args.batches[0], args.context, argv)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
@@ -256,10 +316,12 @@ def main() -> None:
     if name not in registry.load_registry(root):
         import_model(str(gguf_path()), name=name, root=root)
     entry = registry.resolve(name, root)
+    if args.memory_of:
+        return memory_of(args.memory_of, args, entry)
     print(f"model {name}: {entry['num_params'] / 1e6:.1f}M params (ready in "
           f"{time.perf_counter() - t0:.0f}s), torch threads {torch.get_num_threads()}")
     if args.lora:
-        rows = lora_rows(entry, args.steps, args.context)
+        rows = lora_rows(entry, args.steps, args.context, argv + ["--models-dir", str(root)])
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
