@@ -3,6 +3,7 @@ error, a non-zero exit, no traceback, and nothing on disk damaged."""
 
 from __future__ import annotations
 
+import argparse
 import socket
 import subprocess
 import sys
@@ -31,12 +32,40 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
         assert n in err, (n, err)
 
 
+def _commands(parser: argparse.ArgumentParser, path: str = "lmlab"
+              ) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every command and subcommand (`lmlab runs show`...), with its parser."""
+    out = [(path, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += _commands(sub, f"{path} {name}")
+    return out
+
+
+def _squeeze(text: str) -> str:
+    """Text without whitespace: argparse rewraps lines (and breaks them at hyphens)."""
+    return "".join(text.split())
+
+
 def test_every_command_explains_itself():
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert {"prepare", "train", "eval", "sample", "runs"} <= set(sub.choices)
-    for name, p in sub.choices.items():
-        assert p.description or p.format_help(), name
+    """Each --help says what the command does and what each of its options and arguments means."""
+    commands = dict(_commands(build_parser()))
+    assert {"lmlab prepare", "lmlab train", "lmlab eval", "lmlab sample", "lmlab runs list",
+            "lmlab export", "lmlab hooks list"} <= set(commands)
+    for path, p in commands.items():
+        text = _squeeze(p.format_help())
+        assert p.description and _squeeze(p.description) in text, path
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            if isinstance(action, argparse._SubParsersAction):  # each choice says what it does
+                for choice in action._choices_actions:
+                    assert choice.help and _squeeze(choice.help) in text, (path, choice)
+                continue
+            assert action.help, (path, action.option_strings or action.dest)
+            assert all(flag in text for flag in action.option_strings), path
+            assert _squeeze(action.help.replace("%%", "%")) in text, (path, action.help)
     help_text = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", "--help"],
                                capture_output=True, text=True, timeout=60).stdout
     assert "--resume" in help_text and "--set" in help_text

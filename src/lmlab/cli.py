@@ -116,6 +116,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
         print(f"{'code':>14}: {m.get('code')}")
 
 
+DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (default: auto, the best available)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmlab",
@@ -159,32 +162,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run folder (its latest checkpoint)")
     s.add_argument("--data", metavar="DIR", help="prepared data (default: the run's own)")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=16,
+                   help="windows scored per forward pass (default: 16)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sample", help="generate text from a checkpoint",
                        description="Generate text with a KV cache: greedy, or sampled with "
                        "temperature, top-k and top-p; --seed makes it repeatable.")
-    s.add_argument("--checkpoint", required=True, metavar="PATH")
+    s.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a checkpoint file, or a run folder (its latest checkpoint)")
     s.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     s.add_argument("--escapes", action="store_true", help="interpret \\n and \\t in --prompt")
-    s.add_argument("--max-new-tokens", type=int, default=500)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--max-new-tokens", type=int, default=500,
+                   help="how many tokens to add to the prompt (default: 500)")
+    s.add_argument("--temperature", type=float, default=0.8,
+                   help="divide the logits by this before sampling (default: 0.8)")
+    s.add_argument("--top-k", type=int, default=None,
+                   help="sample only among the k most likely tokens")
+    s.add_argument("--top-p", type=float, default=None,
+                   help="sample only among the most likely tokens holding this much probability")
     s.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=None,
+                   help="seed of the sampler's own generator (same seed, same text)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("runs", help="list, show and compare runs",
                        description="What was run, with its final figures.")
     s.add_argument("--root", default="runs", help="the runs folder (default: runs)")
     rs = s.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
-    rs.add_parser("list", help="one line per run")
-    r = rs.add_parser("show", help="one run's manifest summary")
+    rs.add_parser("list", help="one line per run",
+                  description="One line per run in the runs folder: id, status, step, "
+                  "validation losses, tokens/s, model, hooks and config hash.")
+    r = rs.add_parser("show", help="one run's manifest summary",
+                      description="One run's manifest summary, the hooks in force and the "
+                      "code version it ran.")
     r.add_argument("run", help="run folder or run id")
     s.set_defaults(func=cmd_runs)
     add_compare(rs)

@@ -212,19 +212,6 @@ def test_export_loads_with_plain_transformers(finetuned_ckpt, models_root, tmp_p
         export_checkpoint(path, out, root=models_root)
 
 
-def test_from_scratch_checkpoint_cannot_be_exported(tmp_path) -> None:
-    from lmlab.model.adapters.custom import CustomTransformerAdapter
-    from lmlab.model.checkpoint import save_checkpoint
-    from lmlab.model.export import export_checkpoint
-    from lmlab.model.transformer import TransformerConfig
-
-    a = CustomTransformerAdapter(TransformerConfig(n_layer=1, d_model=16, n_head=2, d_ff=32,
-                                                   block_size=8))
-    p = save_checkpoint(tmp_path / "ckpt_0000001.pt", a, step=1, config={})
-    with pytest.raises(LmlabError, match="from-scratch"):
-        export_checkpoint(p, tmp_path / "out")
-
-
 def run_cli(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="lmlab")
     add_commands(p.add_subparsers(dest="command", required=True))

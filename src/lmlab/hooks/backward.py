@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.hooks.forward import Noise
+from lmlab.hooks.forward import Noise, NoiseState
 from lmlab.hooks.registry import register
 
 
@@ -55,7 +55,7 @@ def grad_clip(x: torch.Tensor, point: str, *, max_norm: float = 1.0) -> torch.Te
 
 
 @register("backward")
-class grad_noise:
+class grad_noise(NoiseState):
     """Add Gaussian noise of std `std` to the gradient at this point (seed as for add_noise)."""
 
     def __init__(self, *, std: float = 0.01, seed: int | None = None) -> None:

@@ -73,7 +73,9 @@ def add_commands(subparsers: Any) -> None:
                     "'at' globs of the config's hooks section) and every hook by kind.")
     hs = s.add_subparsers(dest="hooks_command", required=True, metavar="ACTION")
     h = hs.add_parser("list", help="the points of a config's model and every hook with its "
-                                   "parameters")
+                                   "parameters",
+                      description="The hook points of the model a config builds, and every "
+                      "registered hook (built-in and the config's plugins) with its parameters.")
     h.add_argument("--config", help="a YAML file or ready config (default: char-tiny); its "
                                     "plugins are loaded so their hooks are listed too")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -29,7 +29,8 @@ class Noise:
     With `seed` None the draws come from the global RNG, which the loop seeds
     and checkpoints, so a resumed run continues the very same noise. A seed
     gives the hook its own stream, independent of everything else that draws
-    (dropout, other hooks), but it restarts from the seed on resume.
+    (dropout, other hooks); its position is the hook's state_dict, which the
+    loop checkpoints, so a resumed run continues that stream too.
     """
 
     def __init__(self, seed: int | None) -> None:
@@ -50,9 +51,31 @@ class Noise:
                 noise = distribute_tensor(noise, x.device_mesh, x.placements, src_data_rank=None)
         return noise
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {str(device): gen.get_state() for device, gen in self._gens.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._gens = {}
+        for name, rng in state.items():
+            device = torch.device(name)
+            self._gens[device] = torch.Generator(device)
+            self._gens[device].set_state(rng)
+
+
+class NoiseState:
+    """state_dict / load_state_dict of a hook whose only state is its `self.noise`."""
+
+    noise: Noise
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.noise.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.noise.load_state_dict(state)
+
 
 @register("forward")
-class add_noise:
+class add_noise(NoiseState):
     """Add Gaussian noise of standard deviation `std` (seed: private stream, else global RNG)."""
 
     def __init__(self, *, std: float = 0.1, seed: int | None = None) -> None:
@@ -107,6 +130,13 @@ class record:
         self.during_eval = during_eval
         self.calls: dict[str, int] = {}
         self.saved: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        """The counters, so a resumed run goes on numbering (and bounding) where it was."""
+        return {"calls": dict(self.calls), "saved": dict(self.saved)}
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        self.calls, self.saved = dict(state["calls"]), dict(state["saved"])
 
     def attach(self, adapter: Any, point: str, run_dir: Path | None) -> list:
         if self.dir is not None:

@@ -8,6 +8,11 @@ those handles, so a model with its hooks removed computes bit-identical outputs
 again and hooks someone else attached are left alone. The loop calls
 `aux_losses()` after the forward pass and `transform_grads()` between
 `backward()` and `optimizer.step()`; it knows nothing else about hooks.
+
+A hook that keeps state (momentum, counters, a random stream) defines
+`state_dict()` / `load_state_dict(state)`; `state_dict()` here collects them
+under keys `kind.index.name` (the entry's place in the config, so the same
+config gives the same keys on resume) and the loop saves them in checkpoints.
 """
 
 from __future__ import annotations
@@ -50,31 +55,35 @@ class ExperimentHooks:
         self.cfg, self.adapter = cfg, adapter
         self.plugins = {path: load_plugin(path) for path in cfg.plugins}  # path -> sha256
         names = list(adapter.hook_points())
+        # every bound hook under its stable key `kind.index.name`, for state_dict()
+        self.bound: dict[str, Callable] = {}
         # (point name, hook) for forward and backward hooks, in config order
         self.point_fns: list[tuple[str, Callable]] = []
         for kind in ("forward", "backward"):
-            for entry in getattr(cfg, kind):
+            for i, entry in enumerate(getattr(cfg, kind)):
                 name, at, _, params = _split_entry(kind, entry, with_at=True)
                 spec = registry.get(kind, name)
-                fn = spec.bind(params)
+                fn = self.bound[f"{kind}.{i}.{name}"] = spec.bind(params)
                 for point in match_points(at, names):
                     spec.check_point(point)
                     self.point_fns.append((point, fn))
         self.update_fns = []
-        for entry in cfg.update:
+        for i, entry in enumerate(cfg.update):
             name, _, _, params = _split_entry("update", entry, with_at=False)
-            self.update_fns.append(registry.get("update", name).bind(params))
+            fn = self.bound[f"update.{i}.{name}"] = registry.get("update", name).bind(params)
+            self.update_fns.append(fn)
         # (label, weight, callable, matched points); a weight of 0 is inert: never computed
         self.aux: list[tuple[str, float, Callable, list[str]]] = []
-        for entry in cfg.aux_losses:
+        for i, entry in enumerate(cfg.aux_losses):
             name, at, weight, params = _split_entry("aux_losses", entry, with_at=None)
             spec = registry.get("aux_losses", name)
+            fn = self.bound[f"aux_losses.{i}.{name}"] = spec.bind(params)
             at = at or spec.points
             matched = match_points(at, names) if at else []
             for point in matched:
                 spec.check_point(point)
             label = name if name not in {a[0] for a in self.aux} else f"{name}_{len(self.aux)}"
-            self.aux.append((label, weight, spec.bind(params), matched))
+            self.aux.append((label, weight, fn, matched))
         self.run_dir: Path | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -157,6 +166,24 @@ class ExperimentHooks:
         for fn in self.update_fns:
             fn(named, step=step, lr=lr)
 
+    def state_keys(self) -> list[str]:
+        """Keys of the hooks that keep state (those with `state_dict`), in config order."""
+        return [k for k, fn in self.bound.items() if hasattr(fn, "state_dict")]
+
+    def state_dict(self) -> dict[str, Any]:
+        """{key: state} of every stateful hook; plain values and tensors only (weights_only)."""
+        out = {}
+        for key in self.state_keys():
+            out[key] = state = self.bound[key].state_dict()
+            _check_plain(state, key)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; a stateful hook missing from `state` starts afresh."""
+        for key in self.state_keys():
+            if key in state:
+                self.bound[key].load_state_dict(state[key])
+
     def describe(self) -> list[dict[str, Any]]:
         """Every hook in force with its parameters and where it came from, for the manifest."""
         out = []
@@ -169,6 +196,22 @@ class ExperimentHooks:
                         item["source"], item["sha256"] = path, digest
                 out.append(item)
         return out
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """Refuse state that `torch.load(weights_only=True)` could not read back."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, key)
+            _check_plain(v, key)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_plain(v, key)
+    elif not isinstance(value, torch.Tensor | int | float | str | bool | type(None)):
+        raise LmlabError(
+            f"Hook {key}: state_dict() holds a {type(value).__name__}; checkpoints keep only "
+            "tensors, numbers, strings and dicts/lists of them (a torch.Generator: save "
+            "gen.get_state()).")
 
 
 def _wrap(point: str, fn: Callable) -> Callable:

@@ -14,6 +14,10 @@ The four kinds and what their functions receive:
   gradient differs). A class registered instead is instantiated once per config
   entry with the params, and its instances are called as `obj(x, point)`:
   that is how a hook keeps state (a random generator, a file counter).
+  A class that keeps state defines `state_dict()` (tensors and plain values
+  only) and `load_state_dict(state)`: the loop saves it in every checkpoint and
+  restores it on resume, which is what makes a resumed run exact. Any kind
+  (update and aux_losses too) may be such a class.
   An instance may instead define `attach(adapter, point, run_dir) -> handles`:
   it is then handed each matched point and hooks whatever it needs itself (the
   modules around the point, as feedback alignment does); the manager removes

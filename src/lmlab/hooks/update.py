@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from lmlab.hooks.forward import Noise
+from lmlab.hooks.forward import Noise, NoiseState
 from lmlab.hooks.registry import register
 
 
@@ -39,7 +39,7 @@ def sign(named_params: list, *, step: int, lr: float) -> None:
 
 
 @register("update")
-class noise:
+class noise(NoiseState):
     """Add Gaussian noise of std `std` to every gradient (seed as for the add_noise hook)."""
 
     def __init__(self, *, std: float = 1e-3, seed: int | None = None) -> None:

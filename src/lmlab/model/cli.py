@@ -129,12 +129,12 @@ def add_commands(sub: Any) -> None:
                   "dtype, source, parent and source id.")
     m = ms.add_parser("show", help="every field of one model's entry",
                       description="Every field of one registry entry.")
-    m.add_argument("name", metavar="NAME")
+    m.add_argument("name", metavar="NAME", help="a registered model_name")
     m.add_argument("--json", action="store_true", help="print the entry as JSON")
     m = ms.add_parser("lineage", help="the chain of fine_tuned_from back to the imported base",
                       description="Follow fine_tuned_from from NAME back to the imported "
                       "base model.")
-    m.add_argument("name", metavar="NAME")
+    m.add_argument("name", metavar="NAME", help="a registered model_name")
     m = ms.add_parser("register", help="make a fine-tuned checkpoint a registry model",
                       description="Save a fine-tuned checkpoint's weights and tokenizer as "
                       "models/NAME/ and register it with fine_tuned_from set to the model it "
@@ -145,12 +145,14 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser(
-        "export", help="write a fine-tuned checkpoint as a Hugging Face folder",
-        description="Write a fine-tuned checkpoint of an imported model as a Hugging Face "
-        "folder (config.json, model.safetensors, tokenizer files, README.md model card naming "
-        "the base model) that AutoModelForCausalLM and AutoTokenizer load without lmlab. A "
-        "LoRA fine-tune is written as a PEFT adapter folder (PeftModel.from_pretrained(base, "
-        "DIR)) unless --merge is given.")
+        "export", help="write a checkpoint as a Hugging Face folder",
+        description="Write a checkpoint as a Hugging Face folder (config.json, "
+        "model.safetensors, tokenizer files, README.md model card) that AutoModelForCausalLM "
+        "and AutoTokenizer load without lmlab. A fine-tune of an imported model keeps its "
+        "architecture and names its base model; a from-scratch character model becomes GPT-2 "
+        "(exact GELU, learned or sinusoidal positions; rotary is refused) with a "
+        "character-level tokenizer of the same 97 ids. A LoRA fine-tune is written as a PEFT "
+        "adapter folder (PeftModel.from_pretrained(base, DIR)) unless --merge is given.")
     s.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run folder (its latest checkpoint)")
     s.add_argument("--out", required=True, metavar="DIR", help="the folder to write")

@@ -1,4 +1,7 @@
-"""`export`: a fine-tuned checkpoint back out as a plain Hugging Face folder.
+"""`export`: a checkpoint out as a plain Hugging Face folder.
+
+A fine-tune of an imported model goes back out as its own architecture; a
+from-scratch character model goes out as GPT-2 (see export_scratch).
 
 The result loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` in any `transformers` install, without
@@ -68,10 +71,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
                       root: str | Path | None = None, merge: bool = False) -> Path:
     """Write the checkpoint's model, tokenizer and a model card to `out`; returns `out`.
 
+    The model is checked before anything is written, so a refused one leaves `out` alone.
     A LoRA checkpoint becomes a PEFT adapter folder, or with `merge` a whole
     model; `merge` of a full fine-tune is just the model.
     """
     from lmlab.model.adapters import load_adapter
+    from lmlab.model.adapters.custom import CustomTransformerAdapter
     from lmlab.model.adapters.hf import HFCausalLMAdapter
 
     out = Path(out)
@@ -79,11 +84,15 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
         raise LmlabError(f"{out} exists and is not empty. Choose a new --out folder, or pass "
                          "--force to write into it.")
     adapter, ckpt = load_adapter(checkpoint, models_root=root)
+    if isinstance(adapter, CustomTransformerAdapter):
+        from lmlab.model.export_scratch import export_scratch, scratch_model_card
+
+        export_scratch(adapter, out)
+        (out / "README.md").write_text(scratch_model_card(adapter, ckpt))
+        return out
     if not isinstance(adapter, HFCausalLMAdapter):
-        raise LmlabError(
-            f"{ckpt['path']} holds lmlab's from-scratch Transformer, which has no Hugging "
-            "Face architecture to export to. Export works for fine-tunes of imported models."
-        )
+        raise LmlabError(f"{ckpt['path']} holds a {type(adapter).__name__}, which export does "
+                         "not know; it exports from-scratch models and imported ones.")
     name = adapter.meta.get("model_name")
     if name:
         folder = registry.models_root(root) / name

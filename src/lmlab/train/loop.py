@@ -2,8 +2,9 @@
 
 It sees models only through BaseAdapter and experiments only through
 ExperimentHooks, so neither a new architecture nor a new learning rule edits it.
-Resuming restores weights, optimizer, step, every RNG and the sampler position,
-so N steps straight and N/2 + resume + N/2 give the same losses step for step.
+Resuming restores weights, optimizer, step, every RNG, the sampler position and
+the state of stateful hooks, so N steps straight and N/2 + resume + N/2 give the
+same losses step for step.
 """
 
 from __future__ import annotations
@@ -52,11 +53,15 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _check_resume(ckpt: dict, cfg: Config, plugins: dict[str, str], data_hash: str | None,
+def _check_resume(ckpt: dict, cfg: Config, hooks: ExperimentHooks, data_hash: str | None,
                   world_size: int, allow: bool) -> list[str]:
     """Differences between the checkpoint's set-up and this one; refused unless allowed."""
     # through the schema, so keys added since the checkpoint was written count at their default
     changes = diff_configs(from_dict(ckpt["config"]).to_dict(), cfg.to_dict())
+    saved_hooks = (ckpt.get("hooks") or [{}])[0]
+    changes += [f"hook {key}: the checkpoint holds no state for it (it would start afresh)"
+                for key in hooks.state_keys() if key not in saved_hooks]
+    plugins = hooks.plugins
     if ckpt.get("data_hash") != data_hash:  # same path, but the corpus was prepared anew
         changes.append(f"data hash: {ckpt.get('data_hash')} -> {data_hash}")
     saved_world = len(ckpt.get("sampler") or [None])  # one sampler state per rank
@@ -115,7 +120,7 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.changes: list[str] = []
         if ckpt is not None:
-            self.changes = _check_resume(ckpt, cfg, self.hooks.plugins,
+            self.changes = _check_resume(ckpt, cfg, self.hooks,
                                          self.data.meta.get("data_hash"),
                                          self.dist.world_size, allow_config_change)
             self.optimizer.load_state_dict(
@@ -123,6 +128,8 @@ class Trainer:
             self.batcher.load_state_dict(ckpt["sampler"][min(self.dist.rank,
                                                              len(ckpt["sampler"]) - 1)])
             _set_rng_state(ckpt["rng"], self.device)
+            hook_states = ckpt.get("hooks") or [{}]  # one per rank, as the sampler's
+            self.hooks.load_state_dict(hook_states[min(self.dist.rank, len(hook_states) - 1)])
             self.step, self.best_val = ckpt["step"], ckpt.get("best_val", math.inf)
             self.run_id, self.run_dir = ckpt["run_id"], Path(ckpt["path"]).parents[1]
         else:
@@ -181,12 +188,14 @@ class Trainer:
     def save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
         samplers = self.dist.gather_objects(self.batcher.state_dict())
+        hook_states = self.dist.gather_objects(self.hooks.state_dict())
         weights = self.dist.full_state(self.adapter.trained_state())
         optimizer = self.dist.full_state(self.optimizer.state_dict())
         if self.dist.is_main:
             self.adapter.save_checkpoint(
                 path, model=weights, optimizer=optimizer, step=self.step,
-                rng=_rng_state(self.device), sampler=samplers, config=self.cfg.to_dict(),
+                rng=_rng_state(self.device), sampler=samplers, hooks=hook_states,
+                config=self.cfg.to_dict(),
                 run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
                 data_hash=self.data.meta.get("data_hash"),
                 saved_at=dt.datetime.now().isoformat(timespec="seconds"))
