@@ -24,6 +24,7 @@ from lmlab.model.importer import import_model, register_checkpoint
 from lmlab.records import read_manifest, read_metrics
 
 from ..conftest import play_text
+from .conftest import make_hf_folder
 
 IDX = torch.tensor([[9707, 1879, 11, 30686, 6760, 25, 1380, 1324, 1947, 33123, 5267, 220],
                     [151643, 3, 50000, 7, 88, 999, 12345, 100, 101, 102, 103, 104]])
@@ -50,8 +51,20 @@ def randomise_lora(adapter, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, qwen_tokenizer_dir) -> Path:
+    """One registry with a tiny Qwen2 ('tiny') and Llama, read by the tests that only load."""
+    root = tmp_path_factory.mktemp("lora") / "models"
+    for kind, name in (("qwen2", "tiny"), ("llama", "tiny-llama")):
+        folder = tmp_path_factory.mktemp("src") / name
+        folder.mkdir()
+        import_model(str(make_hf_folder(folder, kind, qwen_tokenizer_dir)), name=name, root=root)
+    return root
+
+
 @pytest.fixture
 def tiny(hf_folder_factory, models_root) -> Path:
+    """A registry of its own (the end-to-end tests register into it or replace its base)."""
     import_model(str(hf_folder_factory("qwen2")), name="tiny", root=models_root)
     return models_root
 
@@ -79,10 +92,10 @@ def setup(tiny, tmp_path, monkeypatch):
     return tiny, make
 
 
-def test_only_lora_weights_train_and_the_optimizer_sees_only_them(tiny) -> None:
+def test_only_lora_weights_train_and_the_optimizer_sees_only_them(shared) -> None:
     from lmlab.train.optim import build_optimizer
 
-    adapter = lora_adapter(tiny)
+    adapter = lora_adapter(shared)
     trainable = [n for n, p in adapter.network.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * 4 * 2  # A and B, 4 targets, 2 layers
@@ -103,8 +116,8 @@ def test_only_lora_weights_train_and_the_optimizer_sees_only_them(tiny) -> None:
     assert all(p.grad is None for p in adapter.parameters() if not p.requires_grad)
 
 
-def test_forward_hook_at_attn_out_sees_the_adapted_output(tiny) -> None:
-    adapter = lora_adapter(tiny).eval()
+def test_forward_hook_at_attn_out_sees_the_adapted_output(shared) -> None:
+    adapter = lora_adapter(shared).eval()
     randomise_lora(adapter)
     seen = {}
     points = adapter.hook_points()
@@ -122,10 +135,10 @@ def test_forward_hook_at_attn_out_sees_the_adapted_output(tiny) -> None:
     assert (update.abs() > 1e-3).any()  # the update is not negligible: the check has teeth
 
 
-def test_unknown_target_module_lists_the_ones_the_model_has(tiny) -> None:
+def test_unknown_target_module_lists_the_ones_the_model_has(shared) -> None:
     with pytest.raises(LmlabError, match=r"c_attn.*does not have.*down_proj, gate_proj, "
                                          r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
-        lora_adapter(tiny, targets=["q_proj", "c_attn"])
+        lora_adapter(shared, targets=["q_proj", "c_attn"])
 
 
 @pytest.mark.parametrize("raw, match", [
@@ -159,9 +172,9 @@ def test_defaults_keep_every_existing_config_hash() -> None:
     assert ckpt.base_hash() == full.base_hash()  # the same maths, less memory
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_grads(tiny) -> None:
+def test_activation_checkpointing_gives_the_same_loss_and_grads(shared) -> None:
     def loss_and_grads(checkpointing: bool):
-        adapter = lora_adapter(tiny).train()
+        adapter = lora_adapter(shared).train()
         randomise_lora(adapter)
         if checkpointing:
             use_activation_checkpointing(adapter)
@@ -182,10 +195,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(tiny) -> None:
         torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-6, atol=1e-7)
 
 
-def test_bf16_autocast_loss_matches_fp32_within_noise(tiny) -> None:
+def test_bf16_autocast_loss_matches_fp32_within_noise(shared) -> None:
     from lmlab.device import autocast
 
-    adapter = lora_adapter(tiny).eval()
+    adapter = lora_adapter(shared).eval()
     randomise_lora(adapter)
     with torch.no_grad():
         fp32 = cross_entropy(adapter(IDX[:, :-1]), IDX[:, 1:]).item()
@@ -300,9 +313,8 @@ def test_merge_export_of_a_full_finetune_is_the_model(setup, tmp_path) -> None:
     assert "Fine-tuning: full" in (out / "README.md").read_text()
 
 
-def test_lora_on_llama_targets_the_same_names(hf_folder_factory, models_root) -> None:
-    import_model(str(hf_folder_factory("llama")), name="tiny-llama", root=models_root)
-    adapter = lora_adapter(models_root, "tiny-llama")
+def test_lora_on_llama_targets_the_same_names(shared) -> None:
+    adapter = lora_adapter(shared, "tiny-llama")
     assert type(adapter.model.model.layers[1].mlp.down_proj).__module__.startswith("peft.")
     randomise_lora(adapter)
     cross_entropy(adapter(IDX[:, :-1]), IDX[:, 1:]).backward()
