@@ -30,6 +30,7 @@ state (weights, optimizer state) each keeps resident.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -122,9 +123,16 @@ def step_memory(step, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """After a warm-up step: one step's peak RSS above what was resident before it.
 
     Run in a process holding only this runner: in a shared process, memory one
-    runner freed is reused by the next, and the figures mix.
+    runner freed is reused by the next, and the figures mix. Memory the
+    warm-up freed is handed back to the system first (glibc's malloc_trim), so
+    "resident" is what training keeps (weights, optimizer state) and the step's
+    figure is what it allocates (activations, gradients).
     """
     step(x, y)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     peak_rss_reset()
     before = rss_mib()
     step(x, y)
