@@ -93,4 +93,29 @@ def test_base_hash_ignores_bookkeeping_but_not_the_setup():
     b = from_dict({"run": {"name": "experiment", "out_dir": "elsewhere"},
                    "train": {"eval_every": 7, "log_every": 3, "parallel": "fsdp"}})
     assert a.base_hash() == b.base_hash() and a.hash() != b.hash()
-    assert a.base_hash() != from_dict({"run": {"seed": 2}}).base_hash()
+    assert a.base_hash() != from_dict({"train": {"lr": 0.5}}).base_hash()
+
+
+def test_a_seed_is_a_replicate_not_a_setup():
+    a, b = from_dict({"run": {"seed": 1}}), from_dict({"run": {"seed": 2}})
+    assert a.base_hash() == b.base_hash() and a.hash() != b.hash()
+
+
+def test_base_inherits_and_the_file_wins(tmp_path):
+    (tmp_path / "mine.yaml").write_text(
+        "base: char-tiny\nhooks: {update: [{name: clip_per_param, max_norm: 1.0}]}\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\ntrain: {lr: 0.01}\n")
+    tiny = load_config("char-tiny")
+    mine = load_config(str(tmp_path / "mine.yaml"))
+    assert mine.train.lr == tiny.train.lr == 2e-3 and mine.train.dtype == "auto"
+    assert mine.hooks.update == [{"name": "clip_per_param", "max_norm": 1.0}]
+    child = load_config(str(tmp_path / "child.yaml"))
+    assert child.train.lr == 0.01 and child.train.max_steps == tiny.train.max_steps
+    assert child.hooks.update == mine.hooks.update
+
+
+def test_base_cycle_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(LmlabError, match="cycle"):
+        load_config(str(tmp_path / "a.yaml"))

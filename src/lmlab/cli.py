@@ -1,12 +1,15 @@
 """Every lmlab command. `python main.py <command>` and `lmlab <command>` are the same.
 
 A user's mistake (an LmlabError) is printed as one paragraph with exit status 2;
-anything else is a bug and keeps its traceback.
+an operating-system failure (disk full, permission denied) as one line naming
+the file and the cause, exit status 1; a reader that closes the pipe early
+(`| head`) ends the command quietly. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -15,6 +18,8 @@ from lmlab.errors import LmlabError
 from lmlab.hooks.cli import add_commands as add_hooks_commands
 from lmlab.model.cli import add_commands as add_model_commands
 from lmlab.runs.compare import add_compare
+from lmlab.runs.plot import add_plot
+from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -34,11 +39,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab import records as mf
-    from lmlab.config import load_config, read_yaml, resolve_config_path
+    from lmlab.config import load_config, load_raw
     from lmlab.train.loop import Trainer, config_for_resume
 
     if args.resume:
-        base = read_yaml(resolve_config_path(args.config)) if args.config else None
+        base = load_raw(args.config) if args.config else None
         cfg = config_for_resume(args.resume, base, args.set)
     else:
         cfg = load_config(args.config, args.set)
@@ -95,10 +100,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.runs.store import find_runs, format_table, resolve_run, summary
+    from lmlab.runs.store import format_table, resolve_run, summaries, summary
 
     if args.runs_command == "list":
-        rows = [summary(r) for r in find_runs(args.root)]
+        rows = summaries(args.root)
         if not rows:
             print(f"No runs in {args.root}/ yet. Start one with `lmlab train`.")
             return
@@ -114,6 +119,10 @@ def cmd_runs(args: argparse.Namespace) -> None:
             print(f"{key:>14}: {value}")
         print(f"{'hooks in force':>14}: {json.dumps(m.get('hooks', [])) or '[]'}")
         print(f"{'code':>14}: {m.get('code')}")
+    elif args.runs_command == "verify":
+        from lmlab.runs.verify import verify_run
+
+        verify_run(resolve_run(args.run, args.root))
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N, mps or auto (default: auto, the best available)"
@@ -189,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("runs", help="list, show and compare runs",
+    s = sub.add_parser("runs", help="list, show, compare and plot runs",
                        description="What was run, with its final figures.")
     s.add_argument("--root", default="runs", help="the runs folder (default: runs)")
     rs = s.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
@@ -200,10 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
                       description="One run's manifest summary, the hooks in force and the "
                       "code version it ran.")
     r.add_argument("run", help="run folder or run id")
+    r = rs.add_parser("verify", help="check every checkpoint's content hash and finiteness",
+                      description="Load every checkpoint of a run, check its recorded sha256 "
+                      "and that no tensor is NaN or inf, and read its records; exit status 2 "
+                      "if anything is damaged.")
+    r.add_argument("run", help="run folder or run id")
     s.set_defaults(func=cmd_runs)
     add_compare(rs)
+    add_plot(rs)
     add_hooks_commands(sub)
     add_model_commands(sub)
+    add_sweep_commands(sub)
     return p
 
 
@@ -223,9 +239,21 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+    except BrokenPipeError:
+        # the reader (`| head`) left: point stdout at devnull so the exit flush is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno is None:  # not from the operating system: a bug, keep the traceback
+            raise
+        what = f"'{e.filename}'" if e.filename else "a file"
+        print(f"lmlab: error: {what}: {e.strerror} ({errno.errorcode.get(e.errno, e.errno)})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("lmlab: interrupted.", file=sys.stderr)
         return 130

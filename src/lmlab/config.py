@@ -3,8 +3,9 @@
 Validation is strict because a silently ignored key is a silently wrong
 experiment: an unknown key names the valid ones, a wrong type names the type.
 The hash is over the resolved config, so two runs with the same hash ran the
-same set-up; the *base* hash leaves out `hooks`, so runs that differ only in
-their hooks can be compared.
+same set-up; the *base* hash leaves out `hooks` and the seed, so runs that
+differ only in their hooks can be compared and seeds are replicates of one
+set-up. A config file may say `base: NAME|PATH` to inherit from another.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class RunConfig:
     name: str = "run"
     seed: int = 1337
     out_dir: str = "runs"
+    tensorboard: bool = True  # event files in runs/<run_id>/tb/
 
 
 @dataclass
@@ -93,6 +95,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     compile: bool = False
     threads: int | None = None
+    # a non-finite loss or gradient: stop, or skip that update (stopping after this many in a row)
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_skips: int = 10
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     activation_checkpointing: bool = False  # imported models: recompute blocks in backward
 
@@ -107,52 +112,72 @@ class HooksConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    """What to measure of the learning dynamics, every `every` steps (0: never)."""
+
+    every: int = 0
+    params: bool = True  # per tensor: grad norm, weight norm, update norm / weight norm
+    activations: list[str] = field(default_factory=list)  # globs of hook points
+    attention: bool = True  # entropy per layer and head
+    logits: bool = True  # max logit, mean logsumexp
+    histograms: bool = False  # weights and gradients, to TensorBoard
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hooks: HooksConfig = field(default_factory=HooksConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return config_hash(_without_added_defaults(self.to_dict()))
+        return config_hash(self.to_dict())
 
     def base_hash(self) -> str:
         """Hash of the set-up without hooks: runs with equal base hashes are comparable.
 
-        Book-keeping that cannot change what is learned (names, folders, how
-        often to log, evaluate or save) is left out too, so a baseline and an
-        experiment named differently still compare.
+        The seed is left out: runs that differ only in it are replicates of one
+        set-up, not different set-ups (the manifest keeps the seed). Book-keeping
+        that cannot change what is learned (names, folders, how often to log,
+        evaluate or save) is left out too, so a baseline and an experiment named
+        differently still compare.
         """
-        d = _without_added_defaults(self.to_dict())
+        d = self.to_dict()
         d.pop("hooks")
+        d.pop("telemetry")  # it measures what is learned, and changes none of it
         for section, key in BOOKKEEPING:
             d[section].pop(key, None)
         return config_hash(d)
 
 
-BOOKKEEPING = [("run", "name"), ("run", "out_dir"), ("train", "log_every"),
+BOOKKEEPING = [("run", "name"), ("run", "seed"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
-               ("train", "parallel"), ("train", "activation_checkpointing")]
+               ("train", "parallel"), ("run", "tensorboard"),
+               ("train", "activation_checkpointing")]
 
-# keys added after runs were recorded: left out of the hashes while at their default, so a
-# config that does not use them keeps the hash it always had
-ADDED_KEYS = [("train", "finetune"), ("train", "activation_checkpointing")]
-
-
-def _without_added_defaults(d: dict[str, Any]) -> dict[str, Any]:
-    defaults = Config().to_dict()
-    for section, key in ADDED_KEYS:
-        if d[section].get(key) == defaults[section][key]:
-            d[section].pop(key, None)
-    return d
+# Keys added after runs were made, with the default every earlier run had in effect. A key at
+# that default is left out of the hashes, so an earlier run's hashes stay what they were.
+LATER_KEYS = {("train", "on_nonfinite"): "stop", ("train", "max_nonfinite_skips"): 10,
+              ("run", "tensorboard"): True, ("train", "activation_checkpointing"): False,
+              ("train", "finetune"): dataclasses.asdict(FinetuneConfig()),
+              **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()}}
+LATER_SECTIONS = ("telemetry",)
 
 
 def config_hash(d: dict[str, Any]) -> str:
+    d = copy.deepcopy(d)
+    for (section, key), default in LATER_KEYS.items():
+        if section in d and d[section].get(key, default) == default:
+            d[section].pop(key, None)
+    for section in LATER_SECTIONS:  # a section added later, at its defaults throughout
+        if d.get(section) == {}:
+            d.pop(section)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -271,6 +296,17 @@ def _check_values(cfg: Config) -> None:
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
     _check_finetune(cfg)
+    if cfg.telemetry.every < 0:
+        raise LmlabError(f"telemetry.every = {cfg.telemetry.every} must be 0 (off) or a "
+                         "positive number of steps between measurements.")
+    if cfg.telemetry.histograms and not cfg.run.tensorboard:
+        raise LmlabError("telemetry.histograms go to TensorBoard only, which run.tensorboard=false "
+                         "turns off; set one of them the other way.")
+    if t.max_nonfinite_skips < 1:
+        raise LmlabError(f"train.max_nonfinite_skips = {t.max_nonfinite_skips} must be >= 1.")
+    for kind in ("forward", "backward", "update", "aux_losses"):
+        for i, entry in enumerate(getattr(cfg.hooks, kind)):
+            check_hook_entry(kind, entry, f"hooks.{kind}[{i}]")
     if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
@@ -314,6 +350,23 @@ def _check_finetune(cfg: Config) -> None:
                 "train.activation_checkpointing every block's forward hooks run a second time "
                 "in backward (the recomputation), so it would record twice or draw other "
                 "noise. Turn train.activation_checkpointing off for this run.")
+
+
+def check_hook_entry(kind: str, entry: Any, where: str) -> None:
+    """The types of a hook entry's own fields (its parameters are checked by the hook itself)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        raise LmlabError(f"{where} = {entry!r} must be a mapping with a 'name' (a hook's name), "
+                         "e.g. {name: scale, at: blocks.0.hook_resid_post, factor: 0.5}.")
+    at = entry.get("at")
+    if at is not None and not isinstance(at, str):
+        raise LmlabError(
+            f"{where} ('{entry['name']}'): 'at' = {at!r} must be one hook point name or glob "
+            "as a string, e.g. 'blocks.*.hook_resid_post'; for several points use a glob or "
+            "one entry per point."
+        )
+    weight = entry.get("weight", 1.0)
+    if kind == "aux_losses" and (not isinstance(weight, int | float) or isinstance(weight, bool)):
+        raise LmlabError(f"{where} ('{entry['name']}'): weight = {weight!r} must be a number.")
 
 
 # --- loading and overrides ------------------------------------------------------
@@ -373,9 +426,39 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw(name_or_path: str | None, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its `base:` chain merged in (the file wins over its base).
+
+    A base is a path (relative to the file that names it) or a ready config's name.
+    """
+    path = resolve_config_path(name_or_path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise LmlabError(f"Config files inherit from each other in a cycle: {chain}. "
+                         "Remove one of these `base:` lines.")
+    raw = read_yaml(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise LmlabError(f"`base:` in {path} must be a config name or path, not {base!r}.")
+    near = path.parent / base
+    return deep_merge(load_raw(str(near) if near.is_file() else base, (*_seen, path)), raw)
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    raw = read_yaml(resolve_config_path(name_or_path))
-    return from_dict(apply_overrides(raw, overrides or []))
+    return from_dict(apply_overrides(load_raw(name_or_path), overrides or []))
 
 
 def dump_yaml(cfg: Config) -> str:

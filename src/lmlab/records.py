@@ -4,6 +4,10 @@ The manifest records the resolved config and its hash, the base hash (config
 without hooks), the data hash, every hook in force with plugin source hashes,
 the code version, library versions, seed, device and dtype. Two runs are
 comparable when their base and data hashes match.
+
+Readers take what is there, whatever wrote it: a metrics line of the wrong
+shape or a manifest that is not JSON is skipped with a warning naming the run
+and line, never a crash of `runs list` for every other run.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import socket
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.fileio import atomic_write_json
+from lmlab.errors import LmlabError
+from lmlab.fileio import atomic_write_json, naming, pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,31 +72,115 @@ def library_versions() -> dict[str, str]:
 write_json = atomic_write_json
 
 
+def warn(message: str) -> None:
+    print(f"lmlab: warning: {message}", file=sys.stderr, flush=True)
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / "manifest.json").read_text())
+    """The run's manifest; LmlabError naming the file when it is not a JSON object."""
+    path = run_dir / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmlabError(f"{path} is not readable JSON ({e}); the run's record is damaged.") \
+            from None
+    if not isinstance(m, dict):
+        raise LmlabError(f"{path} holds {type(m).__name__}, not a manifest (a JSON object).")
+    return m
+
+
+def effective_status(m: dict[str, Any]) -> str | None:
+    """The manifest's status, but 'died' for a 'running' run whose process on this host is gone."""
+    status, pid = m.get("status"), m.get("pid")
+    if (status == "running" and isinstance(pid, int) and m.get("host") == socket.gethostname()
+            and not pid_alive(pid)):
+        return "died"
+    return status
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per line, appended and flushed as it happens."""
+    """`metrics.jsonl`: one JSON object per line, appended and flushed as it happens.
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
+    `mirror`, if given, is called with every record written (TensorBoard's
+    writer), so another view of the run can never hold other numbers.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True,
+                 mirror: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.path, self.enabled, self.mirror = path, enabled, mirror
 
     def write(self, **record: Any) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with naming(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.mirror is not None:
+            self.mirror(record)
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+NOT_METRICS = ("kind", "step", "time", "name")
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The metrics of one record under their names: `train/loss`, `eval/val_bpc`, `aux/z_loss`,
+    and telemetry's own names (`grad_norm/blocks.0.mlp.fc.weight`, `logits_max`), as is.
+
+    The one naming of recorded metrics, shared by TensorBoard tags and `runs plot`.
+    """
+    kind = record.get("kind", "")
+    if kind == "aux":
+        return {f"aux/{record['name']}": float(record["value"])}
+    out = {}
+    for key, value in record.items():
+        if key in NOT_METRICS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        out[key if kind == "telemetry" else f"{kind}/{key}"] = float(value)
+    return out
+
+
+# the fields a record of each kind must have, and their types; every record has a step
+_NUMBER = (int, float)
+SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "train": {"loss": _NUMBER},
+    "eval": {"val_loss": _NUMBER},
+    "aux": {"name": (str,), "value": _NUMBER},
+}
+# fields that, wherever they appear, readers do arithmetic with
+NUMBERS = {"loss", "lr", "tokens_per_s", "time", "val_loss", "val_ppl", "val_bpc", "value"}
+
+
+def _problem(r: Any) -> str | None:
+    """Why a parsed metrics line is not a usable record, or None when it is."""
+    if not isinstance(r, dict):
+        return f"a JSON {type(r).__name__}, not an object"
+    if not isinstance(r.get("kind"), str):
+        return "no 'kind'"
+    if not isinstance(r.get("step"), int) or isinstance(r.get("step"), bool):
+        return "no integer 'step'"
+    for key, types in SCHEMA.get(r["kind"], {}).items():
+        if not isinstance(r.get(key), types) or isinstance(r.get(key), bool):
+            return f"a {r['kind']} record without a valid '{key}'"
+    for key in NUMBERS & r.keys():
+        if not isinstance(r[key], _NUMBER) or isinstance(r[key], bool):
+            return f"'{key}' is {r[key]!r}, not a number"
+    return None
+
+
+def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
+    """The usable records of `metrics.jsonl`; others are skipped, each with a warning."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            pass
+            r = json.loads(line)
+            problem = _problem(r)
+        except json.JSONDecodeError:  # e.g. a line cut short by a crash
+            problem = "not JSON"
+        if problem is None:
+            out.append(r)
+            continue
+        if not quiet:
+            warn(f"skipped line {n} of {path} ({problem}): {line[:80]}")
     return out

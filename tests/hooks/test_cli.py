@@ -17,7 +17,14 @@ def run_cli(argv: list[str]) -> None:
 def test_hooks_list_default_config(capsys):
     run_cli(["hooks", "list"])
     out = capsys.readouterr().out
-    assert "56 hook points; blocks.{i} for i = 0..3" in out  # char-tiny: 4 layers
+    assert "73 hook points; blocks.{i} for i = 0..3" in out  # char-tiny: 4 layers
+    lines = out.splitlines()
+    q = next(line for line in lines if "blocks.{i}.attn.hook_q " in line)
+    assert "[batch, pos, head, d_head]" in q and "TL: same name" in q
+    ln = next(line for line in lines if "ln_final.hook_normalized" in line)
+    assert "[batch, pos, d_model]" in ln and "TL: same name" in ln
+    logits = next(line for line in lines if "hook_logits " in line)
+    assert "TL: hook_unembed (TransformerBridge only; HookedTransformer had none)" in logits
     for text in ("blocks.{i}.attn.hook_pattern", "hook_logits", "forward hooks",
                  "scale(factor=1.0)", "feedback_alignment(seed=0, std=0.02)",
                  "orthogonalise(method='newton_schulz', steps=5)", "z_loss() [at hook_logits]"):

@@ -53,25 +53,34 @@ def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-            tie_word_embeddings=True, vocab_size=151680)
-
-
 def tiny_hf_config(kind: str, **over):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """The adapter's own tiny config of `kind`, with the Qwen tokenizer's vocabulary."""
+    from lmlab.model.adapters import adapter_class
 
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}[kind]
-    return cls(**(TINY | over))
+    return adapter_class(kind).tiny_config(kind, **({"vocab_size": 151680} | over))
 
 
-def make_hf_folder(folder: Path, kind: str, tokenizer_dir: Path, seed: int = 0,
-                   dtype: torch.dtype = torch.float32, **over) -> Path:
-    """A tiny random Qwen2/Qwen3/Llama model saved with save_pretrained, plus the Qwen tokenizer."""
+def random_model(config, seed: int = 0, norm_noise: float = 0.0):
+    """A random transformers model of `config`; `norm_noise` moves every norm's gain off its init.
+
+    Gains start at 1 (Gemma: 0, used as 1 + w), where "before the gain" and
+    "after the gain" are the same tensor, so hook tests want them moved.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config(kind, **over))
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if norm_noise and "norm" in name:
+                p.add_(norm_noise * torch.randn_like(p))
+    return model
+
+
+def make_hf_folder(folder: Path, kind: str, tokenizer_dir: Path, seed: int = 0,
+                   dtype: torch.dtype = torch.float32, norm_noise: float = 0.0, **over) -> Path:
+    """A tiny random model of an adapter's family (save_pretrained), with Qwen's tokenizer."""
+    model = random_model(tiny_hf_config(kind, **over), seed, norm_noise)
     model.to(dtype).save_pretrained(str(folder))
     for f in tokenizer_dir.iterdir():
         shutil.copyfile(f, folder / f.name)

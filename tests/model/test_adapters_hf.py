@@ -1,6 +1,7 @@
 """Hugging Face adapters: lmlab's logits equal transformers' own, and hooks see and replace.
 
-Each tiny random model is saved as a Hugging Face folder and imported through
+Each tiny random model (of every family an adapter covers, from the adapter's own
+`tiny_config`) is saved as a Hugging Face folder and imported through
 import-model, so the whole path (folder -> registry -> adapter) is what is checked.
 """
 
@@ -12,17 +13,28 @@ import pytest
 import torch
 
 from lmlab.model import registry
-from lmlab.model.adapters import adapter_class
+from lmlab.model.adapters import adapter_class, supported_architectures
+from lmlab.model.adapters.gemma3 import Gemma3Adapter
 from lmlab.model.adapters.hf import HFKVCache
 from lmlab.model.adapters.llama import LlamaAdapter
 from lmlab.model.adapters.qwen import QwenAdapter
+from lmlab.model.attention import visible
 from lmlab.model.importer import import_model
 from lmlab.model.points import collect_hook_points
 from lmlab.model.transformer import Transformer, TransformerConfig
 
 from .conftest import make_hf_folder
 
-KINDS = ["qwen2", "qwen3", "llama"]
+KINDS = sorted(supported_architectures())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def load(name: str, root: Path):
@@ -38,7 +50,7 @@ def shared_root(tmp_path_factory, qwen_tokenizer_dir):
     for kind in KINDS:
         folder = tmp_path_factory.mktemp("src") / f"tiny-{kind}"
         folder.mkdir()
-        folders[kind] = make_hf_folder(folder, kind, qwen_tokenizer_dir)
+        folders[kind] = make_hf_folder(folder, kind, qwen_tokenizer_dir, norm_noise=0.3)
         import_model(str(folder), name=f"tiny-{kind}", root=root)
     return root, folders
 
@@ -67,6 +79,8 @@ IDX = torch.tensor([[9707, 1879, 11, 30686, 6760, 25, 1380, 1324, 1947, 33123, 5
 def test_adapter_is_found_by_architecture_type() -> None:
     assert adapter_class("qwen2") is QwenAdapter and adapter_class("qwen3") is QwenAdapter
     assert adapter_class("llama") is LlamaAdapter
+    assert adapter_class("gemma3_text") is Gemma3Adapter
+    assert set(KINDS) == {"gemma3_text", "llama", "qwen2", "qwen3"}
 
 
 def test_identity_hooked_logits_equal_transformers(imported) -> None:
@@ -77,7 +91,7 @@ def test_identity_hooked_logits_equal_transformers(imported) -> None:
     with torch.no_grad():
         out = adapter(IDX)
     assert out.dtype == torch.float32 and out.shape == (2, 12, 151680)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, ref)  # read-only hooks leave transformers' very computation
     assert not adapter.uses_eager_attention(0)
     for h in handles:
         h.remove()
@@ -130,24 +144,44 @@ def test_pattern_hook_switches_only_that_layer_to_eager(imported) -> None:
 
 
 def test_score_hook_can_replace_scores(imported) -> None:
-    """Uniform scores make each query average its visible values: pattern = 1/(q+1)."""
+    """Uniform scores make each query average its visible keys: pattern = 1/(visible keys).
+
+    The scores a hook sees are TransformerLens's: masked entries are already -inf,
+    and whatever the hook returns is masked again, so zeroing them cannot unmask
+    the future (nor, on a sliding-window layer, the keys outside the window).
+    """
     _, _, adapter = imported
     pts = adapter.hook_points()
     got = {}
-    pts["blocks.0.attn.hook_attn_scores"].register_forward_hook(lambda m, i, o: o * 0)
-    pts["blocks.0.attn.hook_pattern"].register_forward_hook(lambda m, i, o: got.setdefault("p", o))
+    for i in range(len(adapter.points.blocks)):
+        pts[f"blocks.{i}.attn.hook_attn_scores"].register_forward_hook(
+            lambda m, i, o, key=i: got.setdefault(f"s{key}", o) * 0)
+        pts[f"blocks.{i}.attn.hook_pattern"].register_forward_hook(
+            lambda m, i, o, key=i: got.setdefault(f"p{key}", o))
     with torch.no_grad():
-        adapter(IDX[:, :5])
-    expected = torch.tensor([1.0, 1 / 2, 1 / 3, 1 / 4, 1 / 5])
-    torch.testing.assert_close(got["p"][0, 0].max(-1).values, expected)
-    assert got["p"].triu(1).abs().max() == 0  # the hook could not unmask the future
+        adapter(IDX[:, :6])
+    for i, layer in enumerate(adapter.model.model.layers):
+        window = getattr(layer.self_attn, "sliding_window", None)
+        seen = visible(6, 6, window, torch.device("cpu"))
+        assert torch.isneginf(got[f"s{i}"][:, :, ~seen]).all()  # masked as TL masks them
+        assert torch.isfinite(got[f"s{i}"][:, :, seen]).all()
+        expected = (seen / seen.sum(-1, keepdim=True)).expand_as(got[f"p{i}"])
+        torch.testing.assert_close(got[f"p{i}"], expected)
 
 
 def test_hook_point_names_match_the_from_scratch_model(imported) -> None:
-    _, _, adapter = imported
-    scratch = set(collect_hook_points(Transformer(TransformerConfig(n_layer=2, d_model=32,
-                                                                    n_head=4, d_ff=64))))
-    assert set(adapter.hook_points()) == scratch - {"hook_pos_embed"}
+    """Every family has the rotary from-scratch model's points, plus only its own extras."""
+    kind, _, adapter = imported
+    scratch = set(collect_hook_points(Transformer(TransformerConfig(
+        n_layer=2, d_model=32, n_head=4, d_ff=64, pos_encoding="rotary"))))
+    names = {n for n in adapter.hook_points() if not n.startswith("blocks.2.")}
+    extras = {f"blocks.{i}.{n}" for i in range(2) for n in ["mlp.hook_pre_linear"]}
+    if kind in ("qwen3", "gemma3_text"):
+        extras |= {f"blocks.{i}.attn.hook_{x}_normed" for i in range(2) for x in "qk"}
+    if kind == "gemma3_text":
+        extras |= {f"blocks.{i}.{ln}_post.{h}" for i in range(2) for ln in ("ln1", "ln2")
+                   for h in ("hook_scale", "hook_normalized")}
+    assert names == scratch | extras
     assert all(p.name == n for n, p in adapter.hook_points().items())
 
 

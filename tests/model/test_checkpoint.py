@@ -64,6 +64,12 @@ def test_weights_that_do_not_fit_the_recorded_architecture(tmp_path: Path):
     ckpt = torch.load(path, weights_only=True)
     ckpt["model_config"]["d_model"] = 32
     torch.save(ckpt, path)
+    with pytest.raises(LmlabError, match="is corrupt: its content hashes to sha256"):
+        load_adapter(path)  # edited after saving: the recorded hash no longer matches
+    from lmlab.model.checkpoint import content_hash
+
+    ckpt["sha256"] = content_hash(ckpt)  # as if written that way
+    torch.save(ckpt, path)
     with pytest.raises(LmlabError, match="do not fit"):
         load_adapter(path)
 

@@ -50,7 +50,7 @@ def test_import_folder_records_the_entry(hf_folder_factory, models_root) -> None
     assert e["weights_sha256"] == registry.weights_hash(d) and len(e["weights_sha256"]) == 64
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
         p.name for p in d.iterdir()}
-    assert not list(models_root.glob(".staging-*"))
+    assert not list(models_root.glob(".*.tmp-*"))  # no staging folder left
 
 
 def test_bad_inputs_write_nothing(hf_folder_factory, tmp_path, models_root) -> None:
@@ -64,7 +64,7 @@ def test_bad_inputs_write_nothing(hf_folder_factory, tmp_path, models_root) -> N
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2",
                                                   "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(LmlabError, match="Supported model types: llama, qwen2, qwen3"):
+    with pytest.raises(LmlabError, match="Supported model types: gemma3_text, llama, qwen2, qwen3"):
         import_model(str(gpt2), root=models_root)
 
     with pytest.raises(LmlabError, match="not allowed"):

@@ -1,5 +1,9 @@
 """`lmlab hooks list`: the points a config's model has, and every hook config can name.
 
+Each point is listed with its shape and its TransformerLens twin (the name TL
+caches the same activation under, `lmlab.model.vocabulary`), so a recording or an
+intervention can be carried between lmlab and TL.
+
 The model is built from the config alone (no prepared data is needed), so the
 points printed are exactly those `at:` globs are matched against in training.
 """
@@ -11,6 +15,7 @@ from typing import Any
 
 from lmlab.hooks import registry
 from lmlab.model.points import summarise
+from lmlab.model.vocabulary import VOCABULARY, describe
 
 KIND_HELP = {
     "forward": "change activations at a point: at: POINT-GLOB",
@@ -22,15 +27,26 @@ KIND_HELP = {
 
 
 def points_text(names: list[str]) -> list[str]:
-    """The point names with block indices collapsed to `{i}`, plus the range of i."""
+    """The point names with block indices collapsed to `{i}`, each with its shape and TL twin."""
     layers = sorted({int(n.split(".")[1]) for n in names
                      if n.startswith("blocks.") and n.split(".")[1].isdigit()})
     lines = [f"{len(names)} hook points"
-             + (f"; blocks.{{i}} for i = {layers[0]}..{layers[-1]}" if layers else "") + ":"]
-    for n in summarise(names):
+             + (f"; blocks.{{i}} for i = {layers[0]}..{layers[-1]}" if layers else "")
+             + " (shape; TransformerLens's name for the same activation):"]
+    rows = []
+    order = list(VOCABULARY)
+    for n in sorted(summarise(names), key=lambda n: order.index(n) if n in order else len(order)):
+        point = describe(n)
+        shape = point.shape if point else "?"
+        twin = ("none" if point is None or point.tl is None
+                else "same name" if point.tl == n else point.tl)
+        if point is not None and point.tl_note:
+            twin += f" ({point.tl_note})"
         note = ("   (hooking it leaves the fused attention kernel)"
                 if n.endswith(("hook_attn_scores", "hook_pattern")) else "")
-        lines.append(f"  {n}{note}")
+        rows.append((n, shape, f"TL: {twin}{note}"))
+    width = [max(len(r[k]) for r in rows) for k in (0, 1)] if rows else [0, 0]
+    lines += [f"  {a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
     return lines
 
 

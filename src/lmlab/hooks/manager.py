@@ -17,24 +17,53 @@ config gives the same keys on resume) and the loop saves them in checkpoints.
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmlab.config import HooksConfig
+from lmlab.config import HooksConfig, check_hook_entry
 from lmlab.errors import LmlabError
 from lmlab.hooks import registry
 from lmlab.hooks.plugins import load_plugin
 from lmlab.model.points import match_points
 
 
+class HookFailed(LmlabError):
+    """A hook raised, or returned what it must not; `where` names the hook and its point."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"{where} failed: {detail}")
+        self.where, self.detail = where, detail
+
+
+def _frame(e: BaseException) -> str:
+    """'file:line in function' of the deepest Python frame outside torch and this module."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and f.filename != __file__]
+    return f" ({frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+
+
+def _guard(where: str, fn: Callable) -> Callable:
+    """`fn`, with any exception it raises re-raised as HookFailed naming `where` and its line."""
+    def call(*args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except LmlabError:
+            raise
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise HookFailed(where, f"{type(e).__name__}: {first}{_frame(e)}") from e
+
+    return call
+
+
 def _split_entry(kind: str, entry: dict, with_at: bool | None
                  ) -> tuple[str, str | None, float, dict]:
     """(name, at, weight, params) of a config entry; `with_at` None means 'at' is optional."""
-    if not isinstance(entry, dict) or "name" not in entry:
-        raise LmlabError(f"Each hooks.{kind} entry needs a 'name' (got {entry!r}).")
+    check_hook_entry(kind, entry, f"hooks.{kind} entry")
     params = dict(entry)
     name = params.pop("name")
     at = params.pop("at", None)
@@ -57,8 +86,8 @@ class ExperimentHooks:
         names = list(adapter.hook_points())
         # every bound hook under its stable key `kind.index.name`, for state_dict()
         self.bound: dict[str, Callable] = {}
-        # (point name, hook) for forward and backward hooks, in config order
-        self.point_fns: list[tuple[str, Callable]] = []
+        # (point name, hook, "KIND hook 'NAME' at POINT") for forward and backward hooks
+        self.point_fns: list[tuple[str, Callable, str]] = []
         for kind in ("forward", "backward"):
             for i, entry in enumerate(getattr(cfg, kind)):
                 name, at, _, params = _split_entry(kind, entry, with_at=True)
@@ -66,12 +95,12 @@ class ExperimentHooks:
                 fn = self.bound[f"{kind}.{i}.{name}"] = spec.bind(params)
                 for point in match_points(at, names):
                     spec.check_point(point)
-                    self.point_fns.append((point, fn))
+                    self.point_fns.append((point, fn, f"{kind} hook '{name}' at {point}"))
         self.update_fns = []
         for i, entry in enumerate(cfg.update):
             name, _, _, params = _split_entry("update", entry, with_at=False)
             fn = self.bound[f"update.{i}.{name}"] = registry.get("update", name).bind(params)
-            self.update_fns.append(fn)
+            self.update_fns.append(_guard(f"update hook '{name}'", fn))
         # (label, weight, callable, matched points); a weight of 0 is inert: never computed
         self.aux: list[tuple[str, float, Callable, list[str]]] = []
         for i, entry in enumerate(cfg.aux_losses):
@@ -83,7 +112,7 @@ class ExperimentHooks:
             for point in matched:
                 spec.check_point(point)
             label = name if name not in {a[0] for a in self.aux} else f"{name}_{len(self.aux)}"
-            self.aux.append((label, weight, fn, matched))
+            self.aux.append((label, weight, _guard(f"aux loss '{label}'", fn), matched))
         self.run_dir: Path | None = None
         self._acts: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -105,13 +134,14 @@ class ExperimentHooks:
             self.run_dir = Path(run_dir)
         points = self.adapter.hook_points()
         try:
-            for point, fn in self.point_fns:
+            for point, fn, where in self.point_fns:
                 if hasattr(fn, "attach"):
                     self._handles += fn.attach(self.adapter, point, self.run_dir)
                     if fn not in self._objects:
                         self._objects.append(fn)
                 else:
-                    self._handles.append(points[point].register_forward_hook(_wrap(point, fn)))
+                    hook = _wrap(point, fn, where)
+                    self._handles.append(points[point].register_forward_hook(hook))
             recorded = {p for _, weight, _, matched in self.aux if weight for p in matched}
             for point in sorted(recorded):
                 self._handles.append(points[point].register_forward_hook(self._recorder(point)))
@@ -214,8 +244,24 @@ def _check_plain(value: Any, key: str) -> None:
             "gen.get_state()).")
 
 
-def _wrap(point: str, fn: Callable) -> Callable:
+def _wrap(point: str, fn: Callable, where: str) -> Callable:
+    """The PyTorch forward hook running `fn`: its errors and a changed shape or dtype named.
+
+    A hook that returned another shape would be broadcast silently into the
+    residual stream, so its output must have the activation's shape and dtype.
+    """
+    fn = _guard(where, fn)
+
     def hook(module, inputs, output):
-        return fn(output, point)
+        out = fn(output, point)
+        if out is None or out is output:
+            return out
+        if not isinstance(out, torch.Tensor):
+            raise HookFailed(where, f"it returned {type(out).__name__}, not a tensor")
+        if out.shape != output.shape or out.dtype != output.dtype:
+            raise HookFailed(where, f"it returned shape {tuple(out.shape)} {out.dtype}, but the "
+                             f"activation is {tuple(output.shape)} {output.dtype}; a hook must "
+                             "return a tensor of its input's shape and dtype")
+        return out
 
     return hook

@@ -72,6 +72,11 @@ def cmd_models(args: argparse.Namespace) -> None:
             what = ("(not in the registry any more)" if e.get("missing")
                     else f"{e.get('source')}: {e.get('model_id')}")
             print(f"{arrow}{e['model_name']}  {what}")
+    elif action == "verify":
+        e = registry.resolve(args.name, root)
+        digest = registry.verify_weights(e)
+        note = "" if e.get("weights_sha256") else " (the registry has no hash to compare with)"
+        print(f"ok: {e['model_name']} weights sha256 {digest}{note}")
     elif action == "register":
         from lmlab.model.importer import register_checkpoint
 
@@ -134,6 +139,10 @@ def add_commands(sub: Any) -> None:
     m = ms.add_parser("lineage", help="the chain of fine_tuned_from back to the imported base",
                       description="Follow fine_tuned_from from NAME back to the imported "
                       "base model.")
+    m.add_argument("name", metavar="NAME", help="a registered model_name")
+    m = ms.add_parser("verify", help="check a model's weight files against the registry",
+                      description="Hash the weight files of a registered model and compare "
+                      "with the hash recorded at import; exit status 2 if they differ.")
     m.add_argument("name", metavar="NAME", help="a registered model_name")
     m = ms.add_parser("register", help="make a fine-tuned checkpoint a registry model",
                       description="Save a fine-tuned checkpoint's weights and tokenizer as "

@@ -5,10 +5,12 @@ from-scratch character model goes out as GPT-2 (see export_scratch).
 
 The result loads with `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` in any `transformers` install, without
-lmlab, and carries a model card naming the base model and the lineage, so a
-shared fine-tune never loses where it came from. A LoRA fine-tune is written as
-a PEFT adapter folder (`PeftModel.from_pretrained(base, DIR)`), or with
-`merge=True` as the base with the LoRA updates added into its weights.
+lmlab, lists its weight files' sha256 in SHA256SUMS (`sha256sum -c SHA256SUMS`;
+`import-model` checks it), and carries a model card naming the base model and the lineage, so a
+shared fine-tune never loses where it came from.
+A LoRA fine-tune is written as a PEFT adapter folder
+(`PeftModel.from_pretrained(base, DIR)`), or with `merge=True` as the base with
+the LoRA updates added into its weights.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
+from lmlab.fileio import atomic_write_text
 from lmlab.model import registry
 from lmlab.model.finetune import is_lora, merged_model
 
@@ -88,7 +91,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
         from lmlab.model.export_scratch import export_scratch, scratch_model_card
 
         export_scratch(adapter, out)
-        (out / "README.md").write_text(scratch_model_card(adapter, ckpt))
+        atomic_write_text(out / "README.md", scratch_model_card(adapter, ckpt))
+        registry.write_sums(out)
         return out
     if not isinstance(adapter, HFCausalLMAdapter):
         raise LmlabError(f"{ckpt['path']} holds a {type(adapter).__name__}, which export does "
@@ -106,5 +110,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
     else:
         merged_model(adapter).save_pretrained(str(out))
     tok.save(out)
-    (out / "README.md").write_text(model_card(adapter.meta, ckpt, root, adapter_only))
+    atomic_write_text(out / "README.md", model_card(adapter.meta, ckpt, root, adapter_only))
+    registry.write_sums(out)  # checked when the folder is imported again
     return out

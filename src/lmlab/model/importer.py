@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from lmlab.errors import LmlabError
+from lmlab.fileio import temp_path
 from lmlab.model import registry
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,8 +58,13 @@ def derive_name(source: str) -> str:
 # --- source kinds -----------------------------------------------------------------------
 
 
-def _supported_or_raise(model_type: str | None, what: str, architectures: Any = None) -> type:
-    """The adapter class for `model_type`, or an error naming the architectures lmlab supports."""
+def _supported_or_raise(model_type: str | None, what: str, architectures: Any = None,
+                        hf_cfg: dict[str, Any] | None = None) -> type:
+    """The adapter class for `model_type`, or an error naming the architectures lmlab supports.
+
+    The adapter also checks the config itself (Gemma 3 refuses soft-capping), so a
+    model it would run wrongly is refused here, before any weights are read.
+    """
     from lmlab.model.adapters import adapter_class, supported_architectures
     from lmlab.model.adapters.hf import HFCausalLMAdapter
 
@@ -65,6 +72,7 @@ def _supported_or_raise(model_type: str | None, what: str, architectures: Any = 
     if model_type in supported:
         cls = adapter_class(model_type)
         if issubclass(cls, HFCausalLMAdapter):
+            cls.check_config(hf_cfg or {})
             return cls
     arch = f" ({', '.join(architectures)})" if architectures else ""
     raise LmlabError(
@@ -201,7 +209,7 @@ def fetch_from_hub(repo_id: str) -> tuple[Path, bool]:
 
 def _staging(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    staged = root / f".staging-{name}-{os.getpid()}"
+    staged = temp_path(root / name)  # removed by the next registry write if we are killed
     if staged.exists():
         shutil.rmtree(staged)
     staged.mkdir()
@@ -301,7 +309,8 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
             raise LmlabError(f"{cfg_file} is not valid JSON ({e}).") from None
         model_type, architectures = hf_cfg.get("model_type"), hf_cfg.get("architectures")
         what = f"{source}"
-    adapter_cls = _supported_or_raise(model_type, what, architectures)
+    adapter_cls = _supported_or_raise(model_type, what, architectures,
+                                      None if kind == "gguf" else hf_cfg)
 
     import torch
     from transformers import AutoTokenizer
@@ -314,9 +323,18 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
             load_kw |= {"gguf_file": gguf_file, "dtype": torch.float32}
         else:
             load_kw["dtype"] = "auto"
+        if kind == "folder":
+            registry.check_sums(folder)  # an lmlab export records its weights' hashes
         try:
             model = model_cls.from_pretrained(str(folder), **load_kw)
-        except (OSError, ValueError) as e:
+        except pickle.UnpicklingError:
+            raise LmlabError(
+                f"Refused the weights of {source}: a pickled weight file (pytorch_model.bin) "
+                "holds Python objects other than tensors, which could run code on loading. It "
+                "was not executed. Convert the model to safetensors where you trust it, or "
+                "use a safetensors copy."
+            ) from None
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
             raise LmlabError(
                 f"transformers could not load the weights of {source}: "
                 f"{str(e).splitlines()[0][:300]}"

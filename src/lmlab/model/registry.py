@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError, did_you_mean
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, clean_stale_temps
 from lmlab.model.tokenizers import load_hf_tokenizer
 
 REGISTRY_FILE = "registry.json"
@@ -165,6 +165,7 @@ def locked(root: str | Path | None = None) -> Iterator[Path]:
     r.mkdir(parents=True, exist_ok=True)
     with open(r / LOCK_FILE, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        clean_stale_temps(r)
         try:
             yield r
         finally:
@@ -236,12 +237,75 @@ def update_entry(name: str, root: str | Path | None = None, **fields: Any) -> di
 # --- helpers used by import, register and the adapters --------------------------------
 
 
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".gguf"}
+SUMS_FILE = "SHA256SUMS"  # `sha256sum -c` format, beside exported weights
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix in WEIGHT_SUFFIXES
+                  and p.is_file())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_weights(entry: dict[str, Any]) -> str:
+    """Check a registered model's weight files against the registry's hash; returns the hash.
+
+    Called before every load, so a weight file changed on disk since import
+    (a flipped byte, a half-finished copy) is refused, not fine-tuned.
+    """
+    folder = Path(entry["path"]) if entry.get("path") else model_dir(entry["model_name"])
+    expected = entry.get("weights_sha256")
+    actual = weights_hash(folder)
+    if expected and actual != expected:
+        names = ", ".join(p.name for p in weight_files(folder)) or "no weight files"
+        raise LmlabError(
+            f"The weights of model '{entry['model_name']}' in {folder} ({names}) are damaged: "
+            f"they hash to sha256 {actual}, but the registry recorded {expected} at import. "
+            "Import the model again (after `rm -r` of its folder and entry) or restore the files."
+        )
+    return actual
+
+
+def write_sums(folder: str | Path) -> Path:
+    """Write SHA256SUMS for the weight files of `folder` (checked by `check_sums`)."""
+    folder = Path(folder)
+    lines = [f"{file_sha256(p)}  {p.name}\n" for p in weight_files(folder)]
+    atomic_write_text(folder / SUMS_FILE, "".join(lines))
+    return folder / SUMS_FILE
+
+
+def check_sums(folder: str | Path) -> int:
+    """Check the files a folder's SHA256SUMS lists (an lmlab export); the number checked."""
+    folder = Path(folder)
+    sums = folder / SUMS_FILE
+    if not sums.is_file():
+        return 0
+    n = 0
+    for line in sums.read_text().splitlines():
+        expected, _, name = line.strip().partition("  ")
+        if not name:
+            continue
+        path = folder / name.lstrip("*")
+        actual = file_sha256(path) if path.is_file() else "<missing>"
+        if actual != expected:
+            raise LmlabError(f"{path} does not match {sums}: it hashes to sha256 {actual}, "
+                             f"but {expected} was recorded when it was written. The copy is "
+                             "damaged or incomplete; copy or export it again.")
+        n += 1
+    return n
+
+
 def weights_hash(folder: str | Path) -> str:
     """sha256 over the weight files (name and bytes), so two copies of a model compare equal."""
     h = hashlib.sha256()
-    files = sorted(p for p in Path(folder).iterdir()
-                   if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"} and p.is_file())
-    for p in files:
+    for p in weight_files(folder):
         h.update(p.name.encode() + b"\0")
         with open(p, "rb") as f:
             while chunk := f.read(1 << 22):

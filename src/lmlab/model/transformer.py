@@ -2,9 +2,12 @@
 
 Pre-LayerNorm blocks of causal self-attention and MLP, a final LayerNorm and an
 LM head tied to the token embedding, in the manner of nanoGPT. Every place an
-experiment may touch is a `HookPoint` named as TransformerLens names it. The
-fused attention kernel is used unless the scores or the pattern are hooked,
-since only then must they exist as tensors.
+experiment may touch is a `HookPoint` named as TransformerLens names it.
+Attention after the q/k/v projections (and rotary) is the shared core in
+`lmlab.model.attention`, which every imported family runs too, and the norms
+expose TL's `ln1` / `ln2` / `ln_final` points through `lmlab.model.norms`; the
+LayerNorm weights keep their nanoGPT names `ln_1` / `ln_2`, so checkpoints load
+as before.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.model.attention import add_attention_points, attend, on_heads
+from lmlab.model.norms import NormPoints, hooked_norm, layer_norm, layer_norm_gain
 from lmlab.model.points import HookPoint
 
 
@@ -91,9 +96,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B,T,H,hd]
-        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B,H,Tq,Tk]
-        self.hook_z = HookPoint()  # [B,T,H,hd]
+        add_attention_points(self, rotary=cfg.pos_encoding == "rotary", qk_norm=False)
 
     def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
                 layer: int) -> torch.Tensor:
@@ -102,28 +105,10 @@ class Attention(nn.Module):
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,hd]
         if rotary is not None:
-            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        Tk = k.size(2)
-        # queries are the last T of Tk positions; a single new token sees every cached one
-        mask = None
-        if 1 < T < Tk:
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(Tk - T)
-        dropout = self.dropout if self.training else 0.0
-        if self.hook_attn_scores.active or self.hook_pattern.active:
-            # hooks see the scores before the causal mask, so no hook can unmask the future
-            scores = self.hook_attn_scores((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim))
-            if T > 1:
-                if mask is None:
-                    mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril()
-                scores = scores.masked_fill(~mask, float("-inf"))
-            pattern = self.hook_pattern(F.softmax(scores, dim=-1))
-            z = F.dropout(pattern, dropout, self.training) @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=T > 1 and mask is None)
-        z = self.hook_z(z.transpose(1, 2))
+            q = on_heads(self.hook_rot_q, apply_rotary(q, *rotary))
+            k = on_heads(self.hook_rot_k, apply_rotary(k, *rotary))
+        z = attend(q, k, v, self, cache=cache, layer=layer,
+                   dropout=self.dropout if self.training else 0.0)
         return self.proj(z.reshape(B, T, C))
 
 
@@ -146,6 +131,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        # TransformerLens's blocks.{i}.ln1 / ln2 points; the weights keep their names ln_1 / ln_2
+        self.ln1, self.ln2 = NormPoints(), NormPoints()
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_resid_post = HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
@@ -153,21 +140,24 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
                 layer: int) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        attn_out = self.hook_attn_out(self.drop(self.attn(self.ln_1(x), rotary, cache, layer)))
+        h = layer_norm(x, self.ln_1, self.ln1)
+        attn_out = self.hook_attn_out(self.drop(self.attn(h, rotary, cache, layer)))
         x = self.hook_resid_mid(x + attn_out)
-        mlp_out = self.hook_mlp_out(self.drop(self.mlp(self.ln_2(x))))
+        mlp_out = self.hook_mlp_out(self.drop(self.mlp(layer_norm(x, self.ln_2, self.ln2))))
         return self.hook_resid_post(x + mlp_out)
 
 
 class FinalNorm(nn.LayerNorm):
-    """LayerNorm with the `ln_final.hook_normalized` point on its output."""
+    """The final LayerNorm, holding its own `ln_final.hook_scale` / `hook_normalized` points."""
 
     def __init__(self, d: int, bias: bool) -> None:
         super().__init__(d, bias=bias)
+        self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.hook_normalized(super().forward(x))
+        return hooked_norm(x, super().forward, self, eps=self.eps, gain=layer_norm_gain(self),
+                           center=True)
 
 
 class Transformer(nn.Module):
@@ -185,7 +175,9 @@ class Transformer(nn.Module):
         self.ln_final = FinalNorm(cfg.d_model, cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
-        self.hook_embed, self.hook_pos_embed = HookPoint(), HookPoint()
+        self.hook_embed = HookPoint()
+        if cfg.pos_encoding != "rotary":  # rotary has no position embedding to hook
+            self.hook_pos_embed = HookPoint()
         self.hook_logits = HookPoint()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -214,7 +206,7 @@ class Transformer(nn.Module):
             if start + T > self.cfg.block_size:
                 raise ValueError(f"{start + T} positions exceed block_size {self.cfg.block_size}")
             table = self.wpe.weight if self.cfg.pos_encoding == "learned" else self.sinusoid
-            x = x + self.hook_pos_embed(table[start:start + T])
+            x = x + self.hook_pos_embed(table[start:start + T].expand(B, T, -1))
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rotary, cache, i)

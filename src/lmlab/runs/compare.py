@@ -10,12 +10,14 @@ differs. The first run given is the reference the others are diffed against.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
 from lmlab.config import diff_configs
 from lmlab.errors import LmlabError
-from lmlab.records import read_manifest, read_metrics
+from lmlab.records import effective_status, read_manifest, read_metrics
+from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands, token_budget
 from lmlab.runs.store import format_table, resolve_run
 
 
@@ -24,20 +26,37 @@ def _short(h: Any) -> str:
 
 
 def comparability(manifests: list[dict[str, Any]]) -> list[str]:
-    """The headline: line 1 says whether base configs and data match; more lines say how not."""
+    """The headline: line 1 says whether the set-ups match; more lines say how not.
+
+    The set-up is the base config, the data, the world size, the token budget and
+    the *resolved* device and dtype (`dtype: auto` may resolve differently on two
+    machines). Runs that match and differ only in their seeds are replicates.
+    """
     names = [m.get("run_id", "?") for m in manifests]
     problems, details = [], []
-    for key, what in (("base_hash", "BASE CONFIGS"), ("data_hash", "DATA"),
-                      ("world_size", "WORLD SIZES")):  # world size scales the effective batch
-        values = [m.get(key, 1 if key == "world_size" else None) for m in manifests]
-        if len(set(values)) > 1 or None in values:
+    for key, what, missing_ok in (("base_hash", "BASE CONFIGS", False),
+                                  ("data_hash", "DATA", False),
+                                  ("device", "DEVICES", True), ("dtype", "DTYPES", True),
+                                  ("world_size", "WORLD SIZES", True),  # scales the batch
+                                  ("token_budget", "TOKEN BUDGETS", True)):
+        values = [token_budget(m) if key == "token_budget" else
+                  m.get(key, 1 if key == "world_size" else None) for m in manifests]
+        if len(set(map(str, values))) > 1 or (None in values and not missing_ok):
             problems.append(what)
             details.append(f"  {key}: " + ", ".join(f"{n}={_short(v)}"
                                                      for n, v in zip(names, values, strict=True)))
     if not problems:
-        return [f"Comparable: same base config ({_short(manifests[0].get('base_hash'))}), same "
-                f"data ({_short(manifests[0].get('data_hash'))}) and same world size; the runs "
-                "differ only in their hooks."]
+        same = (f"same base config ({_short(manifests[0].get('base_hash'))}), same "
+                f"data ({_short(manifests[0].get('data_hash'))}), device "
+                f"{manifests[0].get('device')}, dtype {manifests[0].get('dtype')}, world size "
+                "and token budget")
+        hooks = {json.dumps(m.get("config", {}).get("hooks"), sort_keys=True)
+                 for m in manifests}
+        seeds = [m.get("seed") for m in manifests]
+        if len(hooks) == 1 and len(set(seeds)) == len(seeds):
+            return [f"Replicates: {same}; the runs differ only in their seeds "
+                    f"({', '.join(map(str, seeds))})."]
+        return [f"Comparable: {same}; the runs differ only in their hooks."]
     head = (f"!!! NOT COMPARABLE: {' AND '.join(problems)} DIFFER - these runs differ in more "
             "than their hooks, so their losses are not a like-for-like comparison !!!")
     base = manifests[0].get("config", {})
@@ -54,12 +73,12 @@ def _row(run_dir: Path, m: dict[str, Any]) -> dict[str, Any]:
     records = read_metrics(run_dir)
     evals = [r for r in records if r.get("kind") == "eval"]
     trains = [r for r in records if r.get("kind") == "train"]
-    final = m.get("final", {})
+    final = m.get("final") if isinstance(m.get("final"), dict) else {}
     tps = final.get("tokens_per_s")
     if tps is None and trains:
         tps = round(sum(r.get("tokens_per_s", 0) for r in trains) / len(trains))
     return {
-        "run_id": m.get("run_id", run_dir.name), "status": m.get("status"),
+        "run_id": m.get("run_id", run_dir.name), "status": effective_status(m),
         "step": final.get("step", trains[-1]["step"] if trains else None),
         "final_val": evals[-1]["val_loss"] if evals else None,
         "best_val": min((r["val_loss"] for r in evals), default=None),
@@ -86,13 +105,37 @@ def _other_differences(manifests: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def variant_of(m: dict[str, Any]) -> str:
+    """A sweep run's variant; otherwise the run's name (replicates share a name)."""
+    return (m.get("sweep") or {}).get("variant") or m.get("config", {}).get("run", {}).get(
+        "name") or m.get("run_id", "?")
+
+
+def compare_groups(dirs: list[Path], manifests: list[dict[str, Any]],
+                   plot: str | Path | None = None, metric: str = "final_val") -> str:
+    """Runs grouped by variant: n, mean ± sd, 95% interval, and each group against the first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for d, m in zip(dirs, manifests, strict=True):
+        groups.setdefault(variant_of(m), []).append(load_run(d))
+    baseline = variant_of(manifests[0])
+    result = aggregate({"": groups}, baseline, metric)
+    lines = [f"{len(groups)} group(s) by variant, baseline {baseline}: same set-up in every "
+             "group (device, dtype, data, world size, token budget); replicates share a base "
+             "config.", format_aggregate(result)]
+    if plot is not None:
+        lines.append(f"Val loss bands: {plot_bands({'': groups}, plot)}")
+    return "\n".join(lines)
+
+
 def compare(runs: list[str | Path], root: str | Path = "runs",
-            plot: str | Path | None = None) -> str:
+            plot: str | Path | None = None, group_by: str | None = None) -> str:
     """The comparison report of `runs` (folders or ids); draws the loss curves if `plot`."""
     if len(runs) < 2:
         raise LmlabError("runs compare needs at least two runs.")
     dirs = [resolve_run(r, root) for r in runs]
     manifests = [read_manifest(d) for d in dirs]
+    if group_by == "variant":
+        return compare_groups(dirs, manifests, plot)
     lines = comparability(manifests)
     lines.append("")
     lines.append(format_table([_row(d, m) for d, m in zip(dirs, manifests, strict=True)],
@@ -145,7 +188,8 @@ def plot_losses(dirs: list[Path], manifests: list[dict[str, Any]], out: str | Pa
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    print(compare(args.runs, getattr(args, "root", "runs"), args.plot))
+    print(compare(args.runs, getattr(args, "root", "runs"), args.plot,
+                  getattr(args, "group_by", None)))
 
 
 def add_compare(runs_subparsers: Any) -> None:
@@ -158,4 +202,8 @@ def add_compare(runs_subparsers: Any) -> None:
     r.add_argument("runs", nargs="+", metavar="RUN", help="run folders or ids (2 or more); the "
                                                          "first is the reference")
     r.add_argument("--plot", metavar="FILE.png", help="draw the loss curves into this PNG")
+    r.add_argument("--group-by", choices=["variant"],
+                   help="aggregate replicates: runs of one sweep variant (or, outside a "
+                        "sweep, of one run name) are a group; n, mean ± sd, 95%% interval, "
+                        "and each group against the first run's with Welch's t-test")
     r.set_defaults(func=cmd_compare)

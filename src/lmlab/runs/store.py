@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.records import read_manifest, read_metrics
+from lmlab.records import effective_status, read_manifest, read_metrics, warn
 
 
 def find_runs(root: str | Path = "runs") -> list[Path]:
@@ -30,20 +30,36 @@ def resolve_run(run: str | Path, root: str | Path = "runs") -> Path:
     raise LmlabError(f"'{run}' {what}. Recent runs in {root}/: {known}.")
 
 
+def summaries(root: str | Path = "runs") -> list[dict[str, Any]]:
+    """`summary` of every run under `root`; a run whose manifest is damaged is skipped, said."""
+    rows = []
+    for run_dir in find_runs(root):
+        try:
+            rows.append(summary(run_dir))
+        except LmlabError as e:
+            warn(f"skipped run {run_dir.name}: {e}")
+        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a field of a wrong type
+            warn(f"skipped run {run_dir.name}: its manifest.json has an unexpected shape "
+                 f"({type(e).__name__}: {e})")
+    return rows
+
+
 def summary(run_dir: Path) -> dict[str, Any]:
     m = read_manifest(run_dir)
     evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
-    final = m.get("final", {})
+    final = m.get("final") if isinstance(m.get("final"), dict) else {}
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
     return {
-        "run_id": m["run_id"], "status": m.get("status"), "step": final.get("step"),
+        "run_id": m.get("run_id", run_dir.name), "status": effective_status(m),
+        "step": final.get("step"),
         "val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min((r["val_loss"] for r in evals), default=None),
-        "val_bpc": evals[-1]["val_bpc"] if evals else None,
+        "val_bpc": evals[-1].get("val_bpc") if evals else None,
         "tokens_per_s": final.get("tokens_per_s"), "wall_s": final.get("wall_s"),
         "config_hash": m.get("config_hash"), "base_hash": m.get("base_hash"),
-        "data_hash": m.get("data_hash"), "hooks": len(m.get("hooks", [])),
-        "model": m.get("model", {}).get("model_name") or "scratch",
-        "params": m.get("model", {}).get("params"), "path": str(run_dir),
+        "data_hash": m.get("data_hash"), "hooks": len(m.get("hooks") or []),
+        "model": model.get("model_name") or "scratch",
+        "params": model.get("params"), "path": str(run_dir),
     }
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -27,13 +29,16 @@ from lmlab.device import autocast, resolve_device, resolve_dtype
 from lmlab.errors import LmlabError
 from lmlab.eval.metrics import cross_entropy, evaluate
 from lmlab.eval.sampling import generate
+from lmlab.fileio import atomic_write_text, clean_stale_temps
 from lmlab.hooks.manager import ExperimentHooks
 from lmlab.model.adapters import adapter_from_checkpoint
 from lmlab.model.build import build_adapter
 from lmlab.model.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints
 from lmlab.model.finetune import check_resume, use_activation_checkpointing
-from lmlab.train import distributed
+from lmlab.train import distributed, faults
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
+from lmlab.train.telemetry import Telemetry
+from lmlab.train.tensorboard import TensorBoardLog
 
 
 class NonFiniteLoss(LmlabError):
@@ -53,11 +58,18 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _with_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with keys added since it was saved at their defaults."""
+    try:
+        return from_dict(raw).to_dict()
+    except LmlabError:
+        return raw
+
+
 def _check_resume(ckpt: dict, cfg: Config, hooks: ExperimentHooks, data_hash: str | None,
                   world_size: int, allow: bool) -> list[str]:
     """Differences between the checkpoint's set-up and this one; refused unless allowed."""
-    # through the schema, so keys added since the checkpoint was written count at their default
-    changes = diff_configs(from_dict(ckpt["config"]).to_dict(), cfg.to_dict())
+    changes = diff_configs(_with_defaults(ckpt["config"]), cfg.to_dict())
     saved_hooks = (ckpt.get("hooks") or [{}])[0]
     changes += [f"hook {key}: the checkpoint holds no state for it (it would start afresh)"
                 for key in hooks.state_keys() if key not in saved_hooks]
@@ -85,8 +97,11 @@ def _check_resume(ckpt: dict, cfg: Config, hooks: ExperimentHooks, data_hash: st
 
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None,
-                 allow_config_change: bool = False, progress: bool = True) -> None:
+                 allow_config_change: bool = False, progress: bool = True,
+                 manifest: dict[str, Any] | None = None) -> None:
+        """`manifest`: extra fields for the run's manifest (e.g. a sweep's variant and seed)."""
         self.cfg, t = cfg, cfg.train
+        self.manifest_extra = dict(manifest or {})
         self.dist = distributed.setup(t.device, t.parallel)
         self.device = self.dist.device or resolve_device(t.device)
         self.dtype = resolve_dtype(t.dtype, self.device)
@@ -137,8 +152,13 @@ class Trainer:
         self.run_id = self.dist.broadcast_str(self.run_id)
         if ckpt is None:
             self.run_dir = Path(cfg.run.out_dir) / self.run_id
-        self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main)
+        self.tb = TensorBoardLog(self.run_dir / "tb", self.dist.is_main and cfg.run.tensorboard,
+                                 resumed_at=self.step)
+        self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main, self.tb)
+        self.telemetry = Telemetry(cfg.telemetry, self.adapter, self.dist, self.metrics,
+                                   self.tb.histogram, lambda: autocast(self.device, self.dtype))
         self.interrupted = False
+        self.skipped, self.skips_in_row = 0, 0  # updates skipped for a non-finite loss/gradient
 
     def _check_data_fits(self) -> None:
         spec = self.adapter.tokenizer.spec()
@@ -166,7 +186,11 @@ class Trainer:
         if not self.dist.is_main:
             return
         path = self.run_dir / "manifest.json"
-        m = mf.read_manifest(self.run_dir) if path.exists() else {}
+        try:
+            m = mf.read_manifest(self.run_dir) if path.exists() else {}
+        except LmlabError as e:
+            mf.warn(f"{e} Writing a new one.")
+            m = {}
         cfg = self.cfg
         m.update({
             "run_id": self.run_id, "status": status,
@@ -179,10 +203,11 @@ class Trainer:
                                               if p.requires_grad)},
             "code": mf.code_version(), "libraries": mf.library_versions(),
             "seed": cfg.run.seed, "device": str(self.device), "dtype": self.dtype,
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "pid": os.getpid(),
+            "host": socket.gethostname(),
         })
         m.setdefault("created_at", m["updated_at"])
-        m.update(extra or {})
+        m.update({**self.manifest_extra, **(extra or {})})
         mf.write_json(path, m)
 
     def save(self) -> Path:
@@ -191,15 +216,21 @@ class Trainer:
         hook_states = self.dist.gather_objects(self.hooks.state_dict())
         weights = self.dist.full_state(self.adapter.trained_state())
         optimizer = self.dist.full_state(self.optimizer.state_dict())
+        error = None
         if self.dist.is_main:
-            self.adapter.save_checkpoint(
-                path, model=weights, optimizer=optimizer, step=self.step,
-                rng=_rng_state(self.device), sampler=samplers, hooks=hook_states,
-                config=self.cfg.to_dict(),
-                run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
-                data_hash=self.data.meta.get("data_hash"),
-                saved_at=dt.datetime.now().isoformat(timespec="seconds"))
-            prune_checkpoints(path.parent, self.cfg.train.keep_checkpoints)
+            try:
+                self.adapter.save_checkpoint(
+                    path, model=weights, optimizer=optimizer, step=self.step,
+                    rng=_rng_state(self.device), sampler=samplers, hooks=hook_states,
+                    config=self.cfg.to_dict(),
+                    run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
+                    data_hash=self.data.meta.get("data_hash"),
+                    saved_at=dt.datetime.now().isoformat(timespec="seconds"))
+                prune_checkpoints(path.parent, self.cfg.train.keep_checkpoints)
+            except Exception as e:  # every rank must stop, not wait for rank 0 at the barrier
+                error = e
+        if self.dist.any_rank(error is not None):
+            raise error or LmlabError(f"Rank 0 could not write {path}; its message says why.")
         self.dist.barrier()
         return path
 
@@ -218,8 +249,8 @@ class Trainer:
         path = self.metrics.path
         if not self.dist.is_main or not path.exists():
             return
-        kept = [r for r in mf.read_metrics(self.run_dir) if r.get("step", 0) <= self.step]
-        path.write_text("".join(mf.json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in mf.read_metrics(self.run_dir) if r["step"] <= self.step]
+        atomic_write_text(path, "".join(mf.json.dumps(r) + "\n" for r in kept))
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -227,12 +258,17 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            for folder in (self.run_dir, self.run_dir / "checkpoints"):
+                clean_stale_temps(folder)
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(cfg))
             self._truncate_metrics()
         resumed = self.step > 0
         extra = {}
         if resumed and self.dist.is_main:
-            m = mf.read_manifest(self.run_dir)
+            try:
+                m = mf.read_manifest(self.run_dir)
+            except LmlabError:
+                m = {}
             extra["resumes"] = m.get("resumes", []) + [{
                 "at_step": self.step, "config_changes": self.changes,
                 "time": dt.datetime.now().isoformat(timespec="seconds")}]
@@ -283,27 +319,39 @@ class Trainer:
             if self.interrupted:
                 status = "interrupted"
             self.save()
-        except BaseException:
+        except BaseException as e:
             status = "failed"
-            raise
+            err = faults.explain(e, self.step + 1, self.hooks, self.run_dir / "checkpoints")
+            if err is e:
+                raise
+            raise err from e
         finally:
             bar.close()
             self.hooks.detach()
+            self.telemetry.close()
             signal.signal(signal.SIGINT, previous)
             wall = time.perf_counter() - t0
             steps_done = self.step - started
-            self._manifest(status, {"final": {
-                "step": self.step, "train_loss": last_loss, "best_val_loss": self.best_val,
-                "last_val_loss": self.last_val,
-                "tokens_per_s": round(tokens_per_step * steps_done / step_time)
-                if steps_done else None,
-                "wall_s": round(wall, 2)}})
-            self.dist.cleanup(ok=status != "failed")
+            try:
+                self._manifest(status, {"final": {
+                    "step": self.step, "train_loss": last_loss, "best_val_loss": self.best_val,
+                    "last_val_loss": self.last_val, "nonfinite_skips": self.skipped,
+                    "tokens_per_s": round(tokens_per_step * steps_done / step_time)
+                    if steps_done else None,
+                    "wall_s": round(wall, 2)}})
+            except OSError as e:
+                if status != "failed":
+                    raise
+                mf.warn(f"could not record status 'failed' in the manifest: {e}")
+            finally:
+                self.tb.close()
+                self.dist.cleanup(ok=status != "failed")
         return self.run_dir
 
     def _train_step(self) -> tuple[float, dict[str, float]]:
         t = self.cfg.train
         total_loss, aux_totals = 0.0, {}
+        probe = self.telemetry.probe(self.step + 1)  # hooks on for this step, if it is due
         for micro in range(t.grad_accum):
             x, y = self.batcher.next()
             with self.dist.no_sync(self.model, last=micro == t.grad_accum - 1):
@@ -313,25 +361,53 @@ class Trainer:
                 aux = self.hooks.aux_losses()
                 total = loss + sum(aux.values()) if aux else loss
                 value = loss.item()
-                bad = not math.isfinite(value if total is loss else total.item())
+                checked = value if total is loss else total.item()
+                bad = not math.isfinite(checked)
                 if self.dist.any_rank(bad):
-                    raise NonFiniteLoss(
-                        f"The loss became {value if bad else 'non-finite on another rank'} at "
-                        f"step {self.step + 1}; stopping before the "
-                        "update so no weights are damaged. The last good checkpoint in "
-                        f"{self.run_dir / 'checkpoints'} is intact. Lower train.lr, enable "
-                        "train.grad_clip or check the hooks in force."
-                    )
+                    what = "loss" if total is loss else "loss with aux losses"
+                    return self._nonfinite(what, checked if bad else "non-finite on another "
+                                           "rank"), {}
                 (total / t.grad_accum).backward()
             total_loss += value / t.grad_accum
             for name, v in aux.items():
                 aux_totals[name] = aux_totals.get(name, 0.0) + v.item() / t.grad_accum
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), t.grad_clip)
-        self.hooks.transform_grads(self.step, self.optimizer.param_groups[0]["lr"])
+        probe.before_update(x)
+        if t.grad_clip:  # the norm comes free with clipping; without it, one pass more
+            norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), t.grad_clip)
+        else:
+            norm = _grad_norm(self.adapter)
+        if self.hooks.update_fns:  # they may change the gradient: check what the update uses
+            self.hooks.transform_grads(self.step, self.optimizer.param_groups[0]["lr"])
+            norm = _grad_norm(self.adapter)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if self.dist.any_rank(not bool(torch.isfinite(norm))):
+            return self._nonfinite("gradient norm", norm.item()), {}
         self.optimizer.step()
+        probe.after_update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.skips_in_row = 0
         return total_loss, aux_totals
+
+    def _nonfinite(self, what: str, value: Any) -> float:
+        """Stop, or (train.on_nonfinite=skip) drop this update and count it; the step's loss."""
+        t = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        advice = ("Lower train.lr, enable train.grad_clip, check the hooks in force, or set "
+                  "train.on_nonfinite=skip to skip such updates.")
+        if t.on_nonfinite == "stop":
+            raise NonFiniteLoss(
+                f"The {what} became {value} at step {self.step + 1}; stopping before the update "
+                f"so no weights are damaged. {faults.last_good(self.run_dir / 'checkpoints')} "
+                + advice)
+        self.skipped, self.skips_in_row = self.skipped + 1, self.skips_in_row + 1
+        self.metrics.write(kind="skipped", step=self.step + 1, reason=f"{what} {value}")
+        if self.skips_in_row >= t.max_nonfinite_skips:
+            raise NonFiniteLoss(
+                f"{self.skips_in_row} updates in a row were skipped for a non-finite loss or "
+                f"gradient (the last: {what} {value} at step {self.step + 1}); stopping, as "
+                f"train.max_nonfinite_skips={t.max_nonfinite_skips} says. "
+                f"{faults.last_good(self.run_dir / 'checkpoints')} " + advice)
+        return math.nan
 
     def _eval_and_log(self, elapsed: float) -> None:
         # a sharded model needs every rank for a forward pass; a replicated one only rank 0
@@ -353,6 +429,7 @@ class Trainer:
         if self.dist.is_main:
             with open(self.run_dir / "samples.txt", "a") as f:
                 f.write(f"--- step {self.step}\n{text}\n")
+            self.tb.text("samples", text, self.step)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.interrupted:  # a second Ctrl-C: stop now
@@ -361,6 +438,11 @@ class Trainer:
         if self.progress:
             tqdm.write("Interrupted: finishing this step and saving a checkpoint "
                        "(Ctrl-C again to abort without saving).")
+
+
+def _grad_norm(adapter: torch.nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in adapter.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def train(cfg: Config, resume: str | None = None, allow_config_change: bool = False,

@@ -6,13 +6,16 @@ forward: the weights, their names and `save_pretrained` / `from_pretrained`
 stay exactly Hugging Face's, while every TransformerLens-named `HookPoint` sits
 on the activation it names. That is why a forward hook on, say,
 `blocks.0.hook_attn_out` can see and replace the attention output of an imported
-Qwen exactly as it does on the from-scratch model. Attention uses PyTorch's
-fused kernel unless `hook_attn_scores` or `hook_pattern` of that layer is
-hooked; only then are the scores materialised (the "eager" path).
+Qwen exactly as it does on the from-scratch model. Attention itself is the
+shared core in `lmlab.model.attention` (the from-scratch model runs the same
+code), and norms expose TL's `hook_scale` / `hook_normalized` via
+`lmlab.model.norms`.
 
 A family adapter (one file in `model/adapters/`) names its `model_type`s and
-Hugging Face classes and, where the family differs, overrides a small method
-(Qwen3's per-head q/k norms are `_qk_norm`).
+Hugging Face classes and, where the family differs, overrides one of the small
+methods the forward is made of: `_embed`, `_rope`, `_norm`, `_block`, `_qkv`,
+`_qk_norm`, `_attention`, `_mlp` (Gemma 3 overrides `_rope`, `_norm` and
+`_block`). A config this code would compute wrongly is refused by `check_config`.
 
 Also here: the KV cache wrapper (`HFKVCache`, around transformers'
 `DynamicCache`) and dtype helpers (the tokenizer is in `model/tokenizers.py`). Weights
@@ -28,13 +31,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.model.adapters.base import BaseAdapter
+from lmlab.model.attention import add_attention_points, attend, on_heads
+from lmlab.model.norms import NormPoints, hooked_norm
 from lmlab.model.points import HookPoint, collect_hook_points
-from lmlab.model.registry import model_dir, resolve
+from lmlab.model.registry import model_dir, resolve, verify_weights
 from lmlab.model.tokenizers import HFTokenizer, load_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,33 +97,28 @@ class HFKVCache:
 
 
 class _AttnPoints(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, qk_norm: bool) -> None:
         super().__init__()
-        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()  # [B,T,H,hd]
-        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()  # [B,H,Tq,Tk]
-        self.hook_z = HookPoint()  # [B,T,H,hd]
+        add_attention_points(self, rotary=True, qk_norm=qk_norm)
 
 
 class _MLPPoints(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.hook_pre = HookPoint()  # gate projection, before the activation
+        self.hook_pre_linear = HookPoint()  # up projection
         self.hook_post = HookPoint()  # act(gate) * up, the input of down_proj
 
 
 class _BlockPoints(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, norms: tuple[str, ...], qk_norm: bool) -> None:
         super().__init__()
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_resid_post = HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
-        self.attn, self.mlp = _AttnPoints(), _MLPPoints()
-
-
-class _FinalPoints(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hook_normalized = HookPoint()
+        for name in norms:
+            setattr(self, name, NormPoints())
+        self.attn, self.mlp = _AttnPoints(qk_norm), _MLPPoints()
 
 
 class HookTree(nn.Module):
@@ -128,24 +127,17 @@ class HookTree(nn.Module):
     It holds no parameters, so the Hugging Face model's state_dict is untouched.
     """
 
-    def __init__(self, n_layer: int) -> None:
+    def __init__(self, n_layer: int, norms: tuple[str, ...], qk_norm: bool) -> None:
         super().__init__()
         self.hook_embed = HookPoint()
-        self.blocks = nn.ModuleList(_BlockPoints() for _ in range(n_layer))
-        self.ln_final = _FinalPoints()
+        self.blocks = nn.ModuleList(_BlockPoints(norms, qk_norm) for _ in range(n_layer))
+        self.ln_final = NormPoints()
         self.hook_logits = HookPoint()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
-
-
-def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    if n_rep == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
 # --- the adapter ----------------------------------------------------------------------
@@ -156,6 +148,8 @@ class HFCausalLMAdapter(BaseAdapter):
 
     # model_type -> transformers class name; a family adapter fills this in
     hf_classes: ClassVar[dict[str, str]] = {}
+    # the norms of a block, by TransformerLens's names (each gets hook_scale / hook_normalized)
+    block_norms: ClassVar[tuple[str, ...]] = ("ln1", "ln2")
 
     def __init__(self, hf_model: nn.Module, meta: dict[str, Any],
                  block_size: int | None = None) -> None:
@@ -165,7 +159,8 @@ class HFCausalLMAdapter(BaseAdapter):
         self.block_size = int(block_size or cfg.max_position_embeddings)
         self.meta = {"model_name": None, "model_id": None, "model_source": None,
                      "fine_tuned_from": None, "architecture_type": cfg.model_type, **meta}
-        self.points = HookTree(cfg.num_hidden_layers)
+        qk_norm = hasattr(hf_model.model.layers[0].self_attn, "q_norm")
+        self.points = HookTree(cfg.num_hidden_layers, self.block_norms, qk_norm)
         self._tokenizer: HFTokenizer | None = None
         self._tokenizer_folder: Path | None = None
 
@@ -184,6 +179,21 @@ class HFCausalLMAdapter(BaseAdapter):
         return getattr(transformers, cls.hf_classes[model_type])
 
     @classmethod
+    def check_config(cls, hf_config: dict[str, Any]) -> None:
+        """Refuse a config whose forward this adapter would not compute exactly (base: none)."""
+
+    @classmethod
+    def tiny_config(cls, model_type: str, **over: Any) -> Any:
+        """A tiny random-weights config of this family, for parity tests (GQA, tied embeddings)."""
+        from transformers import CONFIG_MAPPING
+
+        cls.model_class(model_type)  # refuses a model_type this family does not cover
+        kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=128, tie_word_embeddings=True, vocab_size=256)
+        return CONFIG_MAPPING[model_type](**(kw | over))
+
+    @classmethod
     def from_folder(cls, folder: str | Path, meta: dict[str, Any],
                     dtype: str | torch.dtype | None = "float32",
                     block_size: int | None = None) -> HFCausalLMAdapter:
@@ -193,8 +203,9 @@ class HFCausalLMAdapter(BaseAdapter):
         if not cfg_file.is_file():
             raise LmlabError(f"{folder} has no config.json, so it is not a Hugging Face model "
                              "folder. Re-import the model with `python main.py import-model`.")
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-        model_cls = cls.model_class(model_type)
+        hf_dict = json.loads(cfg_file.read_text())
+        model_cls = cls.model_class(hf_dict.get("model_type"))
+        cls.check_config(hf_dict)
         model = model_cls.from_pretrained(str(folder), dtype=torch_dtype(dtype),
                                           attn_implementation="sdpa")
         return cls(model, meta, block_size)
@@ -213,6 +224,7 @@ class HFCausalLMAdapter(BaseAdapter):
                 "model_source": entry.get("source"), "fine_tuned_from": name,
                 "architecture_type": entry["architecture_type"]}
         dtype = getattr(model_cfg, "dtype", None) or "float32"
+        verify_weights({**entry, "path": str(folder)})
         adapter = cls.from_folder(folder, meta, dtype=dtype)
         adapter._tokenizer_folder = folder
         return adapter
@@ -226,6 +238,7 @@ class HFCausalLMAdapter(BaseAdapter):
         hf_dict = dict(config["hf_config"])
         model_type = hf_dict.get("model_type")
         model_cls = cls.model_class(model_type)
+        cls.check_config(hf_dict)
         hf_config = CONFIG_MAPPING[model_type].from_dict(hf_dict)
         hf_config._attn_implementation = "sdpa"
         with no_init_weights():  # the checkpoint's weights replace them at once
@@ -292,82 +305,79 @@ class HFCausalLMAdapter(BaseAdapter):
         if start + T > self.block_size:
             raise ValueError(f"{start + T} positions exceed block_size {self.block_size}")
         base, pts = self.model.model, self.points
-        x = pts.hook_embed(base.embed_tokens(idx))
-        position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0)
-        cos, sin = base.rotary_emb(x, position_ids)
-        rope = (cos.unsqueeze(1), sin.unsqueeze(1))
+        x = pts.hook_embed(self._embed(idx))
+        ropes = self._rope(x, torch.arange(start, start + T, device=idx.device).unsqueeze(0))
         for i, layer in enumerate(base.layers):
             run = getattr(layer, "lmlab_block", None)  # set when FSDP shards the layer
-            x = run(x, rope, cache, i) if run else self._block(layer, pts.blocks[i], x, rope,
-                                                               cache, i)
+            x = run(x, ropes[i], cache, i) if run else self._block(layer, pts.blocks[i], x,
+                                                                   ropes[i], cache, i)
         if cache is not None:
             cache.pos += T
-        x = pts.ln_final.hook_normalized(base.norm(x))
+        x = self._norm(base.norm, pts.ln_final, x)
         return pts.hook_logits(self.model.lm_head(x)).float()
+
+    # -- the parts a family may override (Gemma 3: rope, norm and block) ------------------
+
+    def _embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (a family that scales them does it in its embedding module)."""
+        return self.model.model.embed_tokens(idx)
+
+    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> list[tuple]:
+        """(cos, sin) [1, 1, T, hd] of each layer; one shared table for Llama-style models."""
+        cos, sin = self.model.model.rotary_emb(x, position_ids)
+        return [(cos.unsqueeze(1), sin.unsqueeze(1))] * len(self.model.model.layers)
+
+    def _norm(self, norm: nn.Module, points: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The family's RMSNorm with TL's hook_scale / hook_normalized; Llama: weight * x_hat."""
+        return hooked_norm(x, norm, points, eps=norm.variance_epsilon,
+                           gain=lambda h, x: norm.weight * h.to(x.dtype))
 
     def _block(self, layer: nn.Module, p: _BlockPoints, x: torch.Tensor, rope: tuple,
                cache: HFKVCache | None, i: int) -> torch.Tensor:
+        """A pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
         x = p.hook_resid_pre(x)
-        attn_out = self._attention(layer.self_attn, p.attn, layer.input_layernorm(x), rope,
-                                   cache, i)
-        x = p.hook_resid_mid(x + p.hook_attn_out(attn_out))
-        mlp, h = layer.mlp, layer.post_attention_layernorm(x)
-        pre = p.mlp.hook_pre(mlp.gate_proj(h))
-        post = p.mlp.hook_post(mlp.act_fn(pre) * mlp.up_proj(h))
-        return p.hook_resid_post(x + p.hook_mlp_out(mlp.down_proj(post)))
+        h = self._norm(layer.input_layernorm, p.ln1, x)
+        attn_out = p.hook_attn_out(self._attention(layer.self_attn, p.attn, h, rope, cache, i))
+        x = p.hook_resid_mid(x + attn_out)
+        h = self._norm(layer.post_attention_layernorm, p.ln2, x)
+        return p.hook_resid_post(x + p.hook_mlp_out(self._mlp(layer.mlp, p.mlp, h)))
+
+    def _qkv(self, attn: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [B,T,H,hd], k and v [B,T,Hkv,hd]: the projections, as TL's hook_q/k/v see them."""
+        B, T, _ = h.shape
+        hd = attn.head_dim
+        return (attn.q_proj(h).view(B, T, -1, hd), attn.k_proj(h).view(B, T, -1, hd),
+                attn.v_proj(h).view(B, T, -1, hd))
 
     def _qk_norm(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-family treatment of q and k [B,T,H,hd] before rotary; Llama/Qwen2: none."""
+        """Per-head q/k norms (Qwen3, Gemma 3) before rotary; none on Llama and Qwen2."""
+        if hasattr(attn, "q_norm"):
+            return attn.q_norm(q), attn.k_norm(k)
         return q, k
 
     def _attention(self, attn: nn.Module, p: _AttnPoints, h: torch.Tensor, rope: tuple,
                    cache: HFKVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = h.shape
-        hd = attn.head_dim
-        q = attn.q_proj(h).view(B, T, -1, hd)
-        k = attn.k_proj(h).view(B, T, -1, hd)
-        v = attn.v_proj(h).view(B, T, -1, hd)
-        q, k = self._qk_norm(attn, q, k)
+        q, k, v = self._qkv(attn, h)
         q, k, v = p.hook_q(q), p.hook_k(k), p.hook_v(v)
+        q, k = self._qk_norm(attn, q, k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,hd]
+        if hasattr(p, "hook_q_normed"):
+            q, k = p.hook_q_normed(q), p.hook_k_normed(k)
         cos, sin = rope
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        Tk = k.size(2)
-        n_rep = q.size(1) // k.size(1)
-        window = getattr(attn, "sliding_window", None)
-        mask = None  # queries are the last T of Tk positions
-        if (1 < T < Tk) or (window is not None and Tk > window):
-            qpos = torch.arange(Tk - T, Tk, device=h.device)[:, None]
-            kpos = torch.arange(Tk, device=h.device)[None, :]
-            mask = kpos <= qpos
-            if window is not None:
-                mask = mask & (qpos - kpos < window)
-        dropout = attn.attention_dropout if self.training else 0.0
-        if p.hook_attn_scores.active or p.hook_pattern.active:
-            k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-            scores = (q @ k.transpose(-2, -1)) * attn.scaling
-            if mask is None and T > 1:
-                mask = torch.ones(T, Tk, dtype=torch.bool, device=h.device).tril(Tk - T)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            scores = p.hook_attn_scores(scores)
-            if mask is not None:  # a hook must not let a query see the future
-                scores = scores.masked_fill(~mask, float("-inf"))
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            pattern = p.hook_pattern(pattern)
-            z = F.dropout(pattern, dropout, self.training) @ v
-        else:
-            if n_rep > 1 and mask is not None:
-                k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=T > 1 and mask is None,
-                scale=attn.scaling, enable_gqa=n_rep > 1 and mask is None)
-        z = p.hook_z(z.transpose(1, 2))
+        q = on_heads(p.hook_rot_q, q * cos + _rotate_half(q) * sin)
+        k = on_heads(p.hook_rot_k, k * cos + _rotate_half(k) * sin)
+        z = attend(q, k, v, p, cache=cache, layer=layer, scale=attn.scaling,
+                   window=getattr(attn, "sliding_window", None),
+                   dropout=attn.attention_dropout if self.training else 0.0)
         return attn.o_proj(z.reshape(B, T, -1))
+
+    def _mlp(self, mlp: nn.Module, p: _MLPPoints, h: torch.Tensor) -> torch.Tensor:
+        """The gated MLP: down(act(gate(h)) * up(h))."""
+        pre = p.hook_pre(mlp.gate_proj(h))
+        post = p.hook_post(mlp.act_fn(pre) * p.hook_pre_linear(mlp.up_proj(h)))
+        return mlp.down_proj(post)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

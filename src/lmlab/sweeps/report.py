@@ -1,0 +1,60 @@
+"""`lmlab sweep report`: per variant and grid point, n, mean ± sd, a 95% interval; each
+variant against the baseline with Welch's t-test and a bootstrap interval; bands as a PNG.
+
+The statistics and the mixed-set-up refusal are the ones `runs compare
+--group-by variant` uses (lmlab.runs.aggregate); here the groups come from the
+sweep's index and each grid point is a block of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands
+from lmlab.sweeps import store
+
+
+def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str]]:
+    """Grid point -> variant -> loaded runs; runs that never got a folder are noted."""
+    missing, blocks = [], {}
+    for pid, point in enumerate(index["points"]):
+        where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in point.items())
+        groups: dict[str, list] = {v: [] for v in index["variants"]}
+        for r in index["runs"]:
+            if r["point_id"] != pid:
+                continue
+            run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
+            if run_dir is None or not (run_dir / "manifest.json").is_file():
+                missing.append(f"left out {r['key']}: status {r['status']}, no run folder")
+                continue
+            run = load_run(run_dir)
+            if r["status"] != store.FINISHED:
+                run["status"] = r["status"]
+            groups[r["variant"]].append(run)
+        blocks[where] = groups
+    return blocks, missing
+
+
+def report(sweep_dir: str | Path, metric: str = "final_val", plot: str | Path | None = None,
+           as_json: bool = False) -> str:
+    index = store.load(sweep_dir)
+    blocks, missing = _blocks(index)
+    result = aggregate(blocks, index["baseline"], metric)
+    result["warnings"] = missing + result["warnings"]
+    result |= {"sweep_id": index["sweep_id"], "status": store.counts(index)}
+    if plot is not None:
+        result["plot"] = str(plot_bands(blocks, plot, f"sweep {index['sweep_id']}: val loss, "
+                                                      "mean and 95% interval over seeds"))
+    if as_json:
+        return json.dumps(result, indent=2)
+    c = store.counts(index)
+    head = (f"Sweep {index['sweep_id']}: {c['finished']}/{len(index['runs'])} runs finished; "
+            f"metric {metric} (val loss, nats/token; lower is better); baseline "
+            f"{index['baseline']}.")
+    lines = [head, format_aggregate(result)]
+    if plot is not None:
+        lines.append(f"Plot: {result['plot']}")
+    return "\n".join(lines)

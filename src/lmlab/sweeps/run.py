@@ -1,0 +1,222 @@
+"""Running a sweep: start it, resume it, retry what failed, stop it cleanly.
+
+The driver owns the index; runs own their folders. Every run's config was
+validated and the set-ups checked before the first run starts. A resume keeps
+finished runs, continues interrupted ones from their newest checkpoint and
+retries failed ones; it first waits for any run a killed driver left behind to
+save and stop (each run holds a lock while it lives).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.model.checkpoint import list_checkpoints
+from lmlab.records import read_manifest
+from lmlab.sweeps import store
+from lmlab.sweeps.executors import LocalExecutor, RayExecutor, check_reachable
+from lmlab.sweeps.spec import check_setups, load_sweep
+from lmlab.sweeps.worker import EXIT_INTERRUPTED
+
+DEFAULT_JOBS, DEFAULT_THREADS = 2, 1  # measured by benchmarks/bench_sweep.py on 2 cores
+
+
+class SweepInterrupted(LmlabError):
+    pass
+
+
+def start(file: str | Path, root: str | Path = "sweeps", jobs: int = DEFAULT_JOBS,
+          threads: int = DEFAULT_THREADS, backend: str = "local", address: str | None = None,
+          retries: int = 1, yes: bool = False, out: Callable[[str], None] = print) -> Path:
+    """Validate and expand the sweep file, write its folder, run every run; returns the folder."""
+    _check_counts(jobs, threads, retries)
+    sweep = load_sweep(file, yes)
+    check_setups(sweep)
+    if backend == "ray" and address:
+        check_reachable(address)
+    d = store.create(sweep, root, file)
+    out(f"Sweep {d.name}: {len(sweep.runs)} runs ({len(sweep.variants)} variants x "
+        f"{len(sweep.points)} points x {len(sweep.seeds)} seeds) in {d}")
+    execute(d, jobs, threads, backend, address, retries, out)
+    return d
+
+
+def resume(sweep_dir: str | Path, jobs: int | None = None, threads: int | None = None,
+           backend: str | None = None, address: str | None = None, retries: int = 1,
+           out: Callable[[str], None] = print) -> Path:
+    """Continue a sweep: the settings it last ran with unless others are given."""
+    d = Path(sweep_dir)
+    index = store.load(d)
+    jobs = jobs or index.get("jobs", DEFAULT_JOBS)
+    threads = threads or index.get("threads_per_job", DEFAULT_THREADS)
+    backend = backend or index.get("backend", "local")
+    address = address or (index.get("address") if backend == "ray" else None)
+    _check_counts(jobs, threads, retries)
+    execute(d, jobs, threads, backend, address, retries, out)
+    return d
+
+
+def _check_counts(jobs: int, threads: int, retries: int) -> None:
+    for name, v, low in (("--jobs", jobs, 1), ("--threads-per-job", threads, 1),
+                         ("--retries", retries, 0)):
+        if v < low:
+            raise LmlabError(f"{name} = {v} must be at least {low}.")
+
+
+def _wait_for_leftover(d: Path, key: str, out: Callable[[str], None]) -> None:
+    """Block until a run started by an earlier (killed) driver has saved and exited."""
+    lock_path = d / "claims" / f"{key}.lock"
+    if not lock_path.exists():
+        return
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            out(f"{key}: waiting for the run left by the earlier driver to save and stop...")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def reconcile(d: Path, index: dict[str, Any], out: Callable[[str], None]) -> None:
+    """Bring the index up to date with the run folders (after a kill, runs may have moved on)."""
+    for r in index["runs"]:
+        if r["status"] == store.FINISHED:
+            continue
+        _wait_for_leftover(d, r["key"], out)
+        claim = d / "claims" / f"{r['key']}.json"
+        if claim.is_file():
+            c = json.loads(claim.read_text())
+            r["run_id"], r["run_dir"] = c["run_id"], c["run_dir"]
+        if r["run_dir"] and (Path(r["run_dir"]) / "manifest.json").is_file():
+            status = read_manifest(Path(r["run_dir"])).get("status")
+            if status == store.FINISHED:
+                r["status"] = store.FINISHED
+                continue
+        if r["status"] == store.RUNNING:
+            r["status"] = store.INTERRUPTED
+
+
+def job_for(r: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
+    """What the worker needs: the config, the checkpoint to resume from, the manifest labels."""
+    resume = None
+    run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
+    if run_dir is not None and list_checkpoints(run_dir / "checkpoints"):
+        resume = str(run_dir)
+    elif run_dir is not None and run_dir.is_dir():
+        # a run stopped before its first checkpoint: nothing to keep, start it afresh
+        m = run_dir / "manifest.json"
+        if not m.is_file() or (read_manifest(run_dir).get("sweep") or {}).get(
+                "id") == index["sweep_id"]:
+            shutil.rmtree(run_dir)
+        r["run_id"] = r["run_dir"] = None
+    label = {k: r[k] for k in ("key", "variant", "point_id", "point", "seed")}
+    return {"config": r["config"], "resume": resume,
+            "sweep": {"id": index["sweep_id"], **label}}
+
+
+def _executor(backend: str, threads: int, address: str | None, d: Path):
+    if backend == "local":
+        return LocalExecutor(threads, d)
+    if backend == "ray":
+        return RayExecutor(threads, address)
+    raise LmlabError(f"Unknown backend '{backend}'; use local or ray.")
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
+            retries: int, out: Callable[[str], None] = print) -> dict[str, Any]:
+    index = store.load(d)
+    index.update(jobs=jobs, threads_per_job=threads, backend=backend, address=address,
+                 driver_pid=os.getpid())
+    reconcile(d, index, out)
+    store.save(d, index)
+    by_key = {r["key"]: r for r in index["runs"]}
+    queue = [r["key"] for r in index["runs"] if r["status"] != store.FINISHED]
+    if not queue:
+        out(f"All {len(index['runs'])} runs are finished. Report: lmlab sweep report {d}")
+        return index
+    executor = _executor(backend, threads, address, d)
+    tries: dict[str, int] = {}
+    started: dict[str, float] = {}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def finish(o) -> None:
+        r = by_key[o.key]
+        started_at = started.pop(o.key)
+        r["run_id"], r["run_dir"] = o.run_id or r["run_id"], o.run_dir or r["run_dir"]
+        if o.rc == 0:
+            r["status"], r["wall_s"] = store.FINISHED, round(time.monotonic() - started_at, 2)
+        elif o.rc == EXIT_INTERRUPTED or o.rc < 0:
+            r["status"] = store.INTERRUPTED
+        else:
+            r["status"] = store.FAILED
+            out(f"{o.key} failed (exit {o.rc}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
+            if tries[o.key] <= retries:
+                r["status"] = store.PENDING
+                queue.append(o.key)
+                out(f"{o.key}: retry {tries[o.key]} of {retries}")
+        store.save(d, index)
+        out(f"{o.key} {r['status']} [{store.status_line(index, jobs)}]")
+
+    try:
+        while queue or started:
+            while queue and len(started) < jobs:
+                key = queue.pop(0)
+                r = by_key[key]
+                job = job_for(r, index)
+                tries[key] = tries.get(key, 0) + 1
+                r["status"], r["attempts"] = store.RUNNING, r["attempts"] + 1
+                started[key] = time.monotonic()
+                executor.start(key, job)
+                store.save(d, index)
+                out(f"{key} started" + (" (resuming)" if job["resume"] else "") +
+                    f" [{store.status_line(index, jobs)}]")
+            for o in executor.poll(1.0):
+                finish(o)
+            changed = False
+            for key in started:
+                c = executor.claimed(key)
+                if c and by_key[key]["run_id"] != c["run_id"]:
+                    by_key[key]["run_id"], by_key[key]["run_dir"] = c["run_id"], c["run_dir"]
+                    changed = True
+            if changed:
+                store.save(d, index)
+    except KeyboardInterrupt:
+        out(f"Interrupted: asking {len(started)} running run(s) to save a checkpoint and stop "
+            "(Ctrl-C again to kill them)...")
+        queue.clear()
+        executor.interrupt()
+        try:
+            while started:
+                for o in executor.poll(1.0):
+                    finish(o)
+        except KeyboardInterrupt:
+            executor.kill()
+            for key in list(started):
+                by_key[key]["status"] = store.INTERRUPTED
+        store.save(d, index)
+        raise SweepInterrupted(f"Sweep stopped: {store.status_line(index, jobs)}. "
+                               f"Resume with: lmlab sweep resume {d}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        executor.close()
+    c = store.counts(index)
+    if c[store.FAILED]:
+        failed = [r["key"] for r in index["runs"] if r["status"] == store.FAILED]
+        out(f"{c[store.FAILED]} run(s) failed: {', '.join(failed)} (logs in {d / 'logs'}). "
+            f"Retry with: lmlab sweep resume {d}")
+    out(f"Sweep {index['sweep_id']}: {store.status_line(index, jobs)}. "
+        f"Report: lmlab sweep report {d}")
+    return index

@@ -1,0 +1,123 @@
+"""One sweep run in its own process: forked from a forkserver that has imported torch (local
+backend), or started as `python -m lmlab.sweeps.worker JOB.json` (Ray backend).
+
+A process per run isolates a crash, and lets the driver stop a run the way a
+user would (SIGINT: finish the step, save a checkpoint). The worker asks the
+kernel for SIGINT when its parent dies, and a forked one also watches the driver,
+so a killed driver does not leave orphans training on: they save and stop, and
+`sweep resume` continues them.
+It holds a lock on its claim file while it lives, so a resume waits for it.
+
+Exit status: 0 finished, 3 interrupted (checkpoint saved), 2 bad input, 1 crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import select
+import signal
+import sys
+import threading
+from pathlib import Path
+
+EXIT_INTERRUPTED = 3
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Linux: SIGINT this process when its parent dies (elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def watch_driver(pid: int) -> None:
+    """SIGINT this process when the driver `pid` exits (Linux pidfd; elsewhere a no-op).
+
+    A forked worker's parent is the forkserver, which may outlive a killed driver.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=wait, name="lmlab-watch-driver", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    """A worker started as its own program (the Ray backend)."""
+    job = json.loads(Path(argv[0]).read_text())
+    die_with_parent()
+    if job.get("parent_pid") and os.getppid() != job["parent_pid"]:
+        return EXIT_INTERRUPTED  # the parent died before prctl took effect
+    return run_job(job)
+
+
+def forked_main(job_file: str, log_file: str, threads: int) -> None:
+    """A worker forked from the local executor's forkserver (torch already imported).
+
+    It leaves the driver's session (a terminal's Ctrl-C goes to the driver, which
+    forwards one SIGINT), restores the default SIGINT behaviour the forkserver
+    had turned off, and writes its output to its log.
+    """
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    die_with_parent()
+    job = json.loads(Path(job_file).read_text())
+    watch_driver(job["driver_pid"])
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.exit(run_job(job))
+
+
+def run_job(job: dict) -> int:
+    claim = Path(job["claim"])
+    lock = open(claim.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the process's life
+    fcntl.flock(lock, fcntl.LOCK_EX)
+
+    from lmlab.config import from_dict
+    from lmlab.errors import LmlabError
+    from lmlab.fileio import atomic_write_json
+    from lmlab.records import read_manifest
+    from lmlab.train.loop import Trainer
+
+    try:
+        trainer = Trainer(from_dict(job["config"]), resume=job.get("resume"), progress=False,
+                          manifest={"sweep": job["sweep"]})
+        atomic_write_json(claim, {"run_id": trainer.run_id, "pid": os.getpid(),
+                                  "run_dir": str(Path(trainer.run_dir).resolve())})
+        print(f"Run {trainer.run_id}" + (f" resumed at step {trainer.step}" if trainer.step
+                                         else "") + f": {trainer.run_dir}", flush=True)
+        run_dir = trainer.run()
+    except LmlabError as e:
+        print(f"lmlab: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # a second SIGINT, or one before the loop had its handler
+        print("lmlab: interrupted before a checkpoint could be saved.", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
+    status = read_manifest(run_dir)["status"]
+    print(f"Run {run_dir.name} {status}", flush=True)
+    return 0 if status == "finished" else EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,164 @@
+"""Running sweeps locally: runs, a crash isolated in its run, the report; stopping and resuming.
+
+Real processes and real faults: a plugin that raises mid-run, SIGINT and SIGKILL
+sent to a real driver process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmlab.errors import LmlabError
+from lmlab.records import read_manifest, read_metrics
+from lmlab.runs.compare import compare
+from lmlab.sweeps import run as sweep_run
+from lmlab.sweeps import store
+from lmlab.sweeps.report import report
+from tests.sweeps.conftest import FA, TINY
+
+CRASH = '''
+from lmlab.hooks.registry import register
+
+
+@register("update")
+def crash_at(named_params, *, step, lr, at: int = 3):
+    if step >= at:
+        raise RuntimeError("deliberate crash")
+'''
+
+
+def final_losses(index: dict) -> dict[str, float]:
+    return {r["key"]: read_metrics(Path(r["run_dir"]))[-1]["val_loss"] for r in index["runs"]
+            if r["status"] == "finished"}
+
+
+def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plugin = tmp_path / "crash.py"
+    plugin.write_text(CRASH)
+    crash = {"hooks": {"plugins": [str(plugin)], "update": [{"name": "crash_at"}]}}
+    path = sweep_file(variants={"backprop": {}, "fa": FA, "crash": crash})
+    lines = []
+    d = sweep_run.start(path, tmp_path / "sweeps", jobs=2, threads=1, retries=0,
+                        out=lines.append)
+    index = store.load(d)
+    assert [r["status"] for r in index["runs"]].count("finished") == 4
+    assert {r["key"] for r in index["runs"] if r["status"] == "failed"} == {"crash-s1",
+                                                                            "crash-s2"}
+    assert any("crash-s1 failed" in line and "deliberate crash" in line for line in lines)
+    for r in index["runs"]:
+        if r["status"] == "finished":
+            m = read_manifest(Path(r["run_dir"]))
+            assert m["sweep"] == {"id": d.name, "key": r["key"], "variant": r["variant"],
+                                  "point_id": 0, "point": {}, "seed": r["seed"]}
+            assert m["seed"] == r["seed"] and Path(r["run_dir"]).parent == tmp_path / "runs"
+    losses = final_losses(index)
+    assert losses["backprop-s1"] != losses["backprop-s2"] != losses["fa-s1"]
+
+    text = report(d, plot=tmp_path / "bands.png")
+    assert "warning: left out crash-s1 (" in text and ", variant crash: status failed" in text
+    assert "fa vs backprop: " in text and "crash vs backprop: no test: n = 0 vs 2" in text
+    assert "crash     0" in text and "no interval: n = 0" in text
+    assert (tmp_path / "bands.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(report(d, metric="best_val", as_json=True))
+    bp = data["blocks"][""]["backprop"]
+    assert data["metric"] == "best_val" and bp["n"] == 2 and len(bp["ci"]) == 2
+    assert "verdict" in data["blocks"][""]["fa"]["vs_baseline"]
+    seeds = [r["run_dir"] for r in index["runs"] if r["variant"] == "backprop"]
+    assert compare(seeds).startswith("Replicates: ")
+    assert "4/6 done, 0 running, 2 failed" in store.status_report(d)
+    again = []
+    sweep_run.resume(d, retries=0, out=again.append)  # the failed runs are retried
+    manifest = Path(index["runs"][1]["run_dir"]) / "manifest.json"  # as if run elsewhere
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "dtype": "bfloat16"}))
+    with pytest.raises(LmlabError, match="Refusing to compare a mixed set-up.*dtype differs"):
+        report(d)
+    assert sum("crash-s" in line and "started" in line for line in again) == 2
+    assert [r["run_dir"] for r in store.load(d)["runs"] if r["status"] == "finished"] == [
+        r["run_dir"] for r in index["runs"] if r["status"] == "finished"]
+
+
+def _driver(path: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lmlab.cli", "sweep", "run", str(path),
+                             "--jobs", "1", "--out", "sweeps"], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(sweep_run.__file__)
+                                                                 .resolve().parents[2])})
+
+
+def _wait_for(cwd: Path, ready, timeout: float = 120) -> Path:
+    """Poll the sweep index until `ready(index)`; returns the sweep folder."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list((cwd / "sweeps").glob("*/index.json"))
+        if found:
+            try:
+                index = json.loads(found[0].read_text())
+            except json.JSONDecodeError:
+                index = None
+            if index and ready(index):
+                return found[0].parent
+        time.sleep(0.1)
+    raise AssertionError("the sweep never reached the expected state")
+
+
+def _mid_second_run(index: dict) -> bool:
+    runs = index["runs"]
+    if runs[0]["status"] != "finished" or runs[1]["status"] != "running":
+        return False
+    run_dir = runs[1].get("run_dir")
+    return bool(run_dir) and any(r.get("kind") == "eval" and r["step"] > 0
+                                 for r in read_metrics(Path(run_dir)))
+
+
+LONGER = {"set": {**TINY, "train.max_steps": 300, "train.checkpoint_every": 20,
+                  "train.eval_every": 20}}
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed(sweep_file, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = sweep_file(seeds=3, variants={"backprop": {}},
+                      set={**LONGER["set"], "data.path": str(corpus_dir)})
+    driver = _driver(path, tmp_path)
+    d = _wait_for(tmp_path, _mid_second_run)
+    before = store.load(d)["runs"]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    lines = []
+    sweep_run.resume(d, out=lines.append)  # waits for the orphaned run to save and stop
+    after = store.load(d)["runs"]
+    assert [r["status"] for r in after] == ["finished"] * 3
+    assert after[0]["run_dir"] == before[0]["run_dir"]  # the finished run was kept
+    assert after[1]["run_dir"] == before[1]["run_dir"]  # the killed one continued...
+    resumes = read_manifest(Path(after[1]["run_dir"])).get("resumes")
+    assert resumes and resumes[0]["at_step"] > 0  # ...from its checkpoint
+    assert any("backprop-s2 started (resuming)" in line for line in lines)
+    assert len(list((tmp_path / "runs").iterdir())) == 3
+    steps = [r["step"] for r in read_metrics(Path(after[1]["run_dir"])) if r["kind"] == "eval"]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # one consistent curve
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_with_a_checkpoint(sweep_file, corpus_dir, tmp_path):
+    path = sweep_file(seeds=3, variants={"backprop": {}},
+                      set={**LONGER["set"], "data.path": str(corpus_dir)})
+    driver = _driver(path, tmp_path)
+    d = _wait_for(tmp_path, _mid_second_run)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out
+    assert f"Resume with: lmlab sweep resume {Path('sweeps') / d.name}" in out
+    runs = store.load(d)["runs"]
+    assert [r["status"] for r in runs] == ["finished", "interrupted", "pending"]
+    assert read_manifest(Path(runs[1]["run_dir"]))["status"] == "interrupted"
+    assert list((Path(runs[1]["run_dir"]) / "checkpoints").glob("ckpt_*.pt"))
