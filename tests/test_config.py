@@ -119,3 +119,27 @@ def test_base_cycle_is_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(LmlabError, match="cycle"):
         load_config(str(tmp_path / "a.yaml"))
+
+
+def test_added_knobs_keep_old_hashes_and_old_checkpoints_resume():
+    """Keys added for issue 13 are out of the hash at their defaults; absent reads as default."""
+    cfg = from_dict({})
+    assert (cfg.hash(), cfg.base_hash()) == ("5470deafca8af650", "af6f088090b1de51")  # as before
+    saved = cfg.to_dict()
+    for section, key in [("model", "norm"), ("model", "qk_norm"), ("train", "muon_lr"),
+                         ("train", "time_budget_s"), ("train", "decay_fraction")]:
+        del saved[section][key]  # a checkpoint written before the keys existed
+    assert diff_configs(from_dict(saved).to_dict(), cfg.to_dict()) == []
+    knob = from_dict({"model": {"norm": "rmsnorm"}})
+    assert knob.hash() != cfg.hash()
+    assert diff_configs(from_dict(saved).to_dict(), knob.to_dict()) == [
+        "model.norm: 'layernorm' -> 'rmsnorm'"]
+
+
+def test_model_knobs_are_refused_for_pretrained_models_and_bad_values_named():
+    with pytest.raises(LmlabError, match="model.mlp shapes the from-scratch model only"):
+        from_dict({"model": {"model_name": "smollm2-135m", "mlp": "relu2"}})
+    with pytest.raises(LmlabError, match="train.time_budget_s = -1"):
+        from_dict({"train": {"time_budget_s": -1}})
+    with pytest.raises(LmlabError, match="train.decay_fraction"):
+        from_dict({"train": {"decay_fraction": 1.5}})

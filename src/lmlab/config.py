@@ -28,6 +28,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = "char-tiny"
 
 
+def added(default: Any) -> Any:
+    """A field added after configs were hashed: one of LATER_KEYS, out of the hash at its default.
+
+    So every existing config keeps its hash, and a checkpoint saved before the
+    key existed resumes (its absent key reads as the default).
+    """
+    return field(default=default, metadata={"added": True})
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -53,6 +62,15 @@ class ModelConfig:
     bias: bool = False
     pos_encoding: Literal["learned", "sinusoidal", "rotary"] = "learned"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # the speedrun knobs (README "Time to quality"); defaults are nanoGPT's model
+    norm: Literal["layernorm", "rmsnorm"] = added("layernorm")
+    mlp: Literal["gelu", "relu2", "swiglu"] = added("gelu")
+    qk_norm: bool = added(False)
+    tie_embeddings: bool = added(True)
+    logit_softcap: float | None = added(None)
+    zero_init_proj: bool = added(False)
+    value_embed: bool = added(False)
+    embed_skip: bool = added(False)
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -77,8 +95,13 @@ class TrainConfig:
     lr: float = 1.0e-3
     min_lr: float = 1.0e-4
     warmup_steps: int = 100
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = added(0.2)  # wsd: the last fraction of training decays to min_lr
+    time_budget_s: float | None = added(None)  # stop by training wall time; drives the schedule
     optimizer: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
+    muon_lr: float | None = added(None)  # lr of Muon's matrices (null: train.lr)
+    # Muon's Newton-Schulz in bf16 (torch's), fp32, or auto: bf16 only where it is fast
+    muon_ns_dtype: Literal["bfloat16", "float32", "auto"] = added("bfloat16")
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -166,7 +189,10 @@ BOOKKEEPING = [("run", "name"), ("run", "seed"), ("run", "out_dir"), ("train", "
 LATER_KEYS = {("train", "on_nonfinite"): "stop", ("train", "max_nonfinite_skips"): 10,
               ("run", "tensorboard"): True, ("train", "activation_checkpointing"): False,
               ("train", "finetune"): dataclasses.asdict(FinetuneConfig()),
-              **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()}}
+              **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()},
+              **{(section, f.name): f.default  # the fields declared with `added`
+                 for section, cls in (("model", ModelConfig), ("train", TrainConfig))
+                 for f in dataclasses.fields(cls) if f.metadata.get("added")}}
 LATER_SECTIONS = ("telemetry",)
 
 
@@ -296,6 +322,17 @@ def _check_values(cfg: Config) -> None:
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
     _check_finetune(cfg)
+    for key, value in {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
+                       "train.time_budget_s": t.time_budget_s}.items():
+        if value is not None and value <= 0:
+            raise LmlabError(f"Config value {key} = {value} must be positive (or null).")
+    if not 0.0 <= t.decay_fraction <= 1.0:
+        raise LmlabError(f"train.decay_fraction = {t.decay_fraction} must be in [0, 1].")
+    if m.model_name is not None:
+        for f in dataclasses.fields(m):
+            if f.metadata.get("added") and getattr(m, f.name) != f.default:
+                raise LmlabError(f"model.{f.name} shapes the from-scratch model only; "
+                                 f"{m.model_name} is pretrained: leave it at {f.default!r}.")
     if cfg.telemetry.every < 0:
         raise LmlabError(f"telemetry.every = {cfg.telemetry.every} must be 0 (off) or a "
                          "positive number of steps between measurements.")

@@ -100,6 +100,13 @@ def test_rotary_with_biases_is_refused_and_nothing_written(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_speedrun_knobs_are_refused_and_nothing_written(tmp_path):
+    run = checkpoint(tmp_path, mlp="relu2", qk_norm=True, pos_encoding="rotary")
+    with pytest.raises(LmlabError, match="model.mlp='relu2', model.qk_norm=True: export"):
+        export_checkpoint(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_transformerlens_opens_the_export(tmp_path):
     """TL boots the folder like any HF model; its logits are ours up to TL's own rounding."""

@@ -5,6 +5,15 @@ from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.transformer import Transformer, TransformerConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(pos: str = "learned", **kw) -> Transformer:
     torch.manual_seed(0)
     cfg = TransformerConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, d_model=32,
@@ -123,3 +132,126 @@ def test_explicit_attention_equals_fused_kernel():
     assert len(seen) == 1 and seen[0].shape == (2, 2, 32, 32)
     assert torch.allclose(seen[0].sum(-1), torch.ones(2, 2, 32))
     assert torch.allclose(fused, explicit, atol=1e-5)
+
+
+# --- the speedrun knobs (issue 13) ---------------------------------------------------------
+
+KNOBS = [dict(norm="rmsnorm"), dict(mlp="relu2"), dict(mlp="swiglu"),
+         dict(qk_norm=True, pos="rotary"), dict(tie_embeddings=False),
+         dict(tie_embeddings=False, zero_init_proj=True), dict(logit_softcap=5.0),
+         dict(value_embed=True), dict(embed_skip=True)]
+
+
+def test_default_model_is_unchanged_bit_for_bit():
+    """Weights and first AdamW losses equal those main's code gave before the knobs existed."""
+    import torch.nn.functional as F
+
+    for pos, wsum, want in [
+        ("learned", 156.233667023404, [4.573432922363281, 4.153263092041016, 4.00773286819458]),
+    ]:
+        m = tiny(pos).train()
+        explicit = tiny(pos, norm="layernorm", mlp="gelu", qk_norm=False, tie_embeddings=True,
+                        logit_softcap=None, zero_init_proj=False, value_embed=False,
+                        embed_skip=False)
+        assert list(m.state_dict()) == list(explicit.state_dict())
+        assert sum(float(v.double().sum()) for v in m.state_dict().values()) == pytest.approx(
+            wsum, rel=1e-12)
+        x = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(m(x), explicit.train()(x))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        got = []
+        for _ in range(3):
+            loss = F.cross_entropy(m(x).flatten(0, 1), x.roll(-1, 1).flatten())
+            got.append(loss.item())
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("knob", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+def test_knob_shapes_gradients_hooks_and_cache(knob):
+    knob = dict(knob)
+    m = tiny(knob.pop("pos", "learned"), **knob).train()
+    x = torch.randint(0, 97, (2, 32))
+    logits = m(x)
+    assert logits.shape == (2, 32, 97)
+    logits.logsumexp(-1).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    if not knob.get("zero_init_proj"):  # a zero head passes no gradient on at the first step
+        assert all(g.abs().sum() > 0 for n, g in grads.items() if n != "wpe.weight"), knob
+    names = set(CustomTransformerAdapter(m.cfg).hook_points())
+    assert {"ln_final.hook_normalized", "blocks.1.mlp.hook_post", "blocks.0.attn.hook_q",
+            "hook_logits", "blocks.1.hook_resid_pre", "blocks.0.ln1.hook_normalized"} <= names
+    if knob.get("qk_norm"):
+        assert {"blocks.0.attn.hook_q_normed", "blocks.0.attn.hook_k_normed"} <= names
+    m.eval()
+    cache = m.new_cache(2, torch.device("cpu"), torch.float32)
+    steps = [m(x[:, :10], cache)] + [m(x[:, i:i + 1], cache) for i in range(10, 32)]
+    assert torch.allclose(torch.cat(steps, 1), m(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mlp,act", [("gelu", torch.nn.functional.gelu),
+                                     ("relu2", lambda h: torch.relu(h).square()),
+                                     ("swiglu", None)])
+def test_mlp_hook_post_is_the_activation_output(mlp, act):
+    m = tiny(mlp=mlp)
+    seen = {}
+    mod = m.blocks[0].mlp
+    hs = [mod.hook_pre.register_forward_hook(lambda _m, i, o: seen.update(pre=o)),
+          mod.hook_post.register_forward_hook(lambda _m, i, o: seen.update(post=o))]
+    m(torch.randint(0, 97, (1, 32)))
+    for h in hs:
+        h.remove()
+    assert seen["post"].shape[-1] == 64  # d_ff, whatever the activation
+    if act is None:
+        gate, up = seen["pre"].chunk(2, -1)
+        act = lambda _h: torch.nn.functional.silu(gate) * up  # noqa: E731
+    assert torch.allclose(seen["post"], act(seen["pre"]))
+
+
+def test_rmsnorm_normalises_without_centring_and_final_hook_sees_it():
+    m = tiny(norm="rmsnorm")
+    seen = []
+    h = m.ln_final.hook_normalized.register_forward_hook(lambda _m, i, o: seen.append(o))
+    m(torch.randint(0, 97, (1, 32)))
+    h.remove()
+    assert getattr(tiny(norm="rmsnorm", bias=True).ln_final, "bias", None) is None
+    rms = seen[0].square().mean(-1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=0.02)  # eps 1e-5 on a small residual
+
+
+def test_hooked_rmsnorm_points_leave_the_logits_alone():
+    m = tiny(norm="rmsnorm")
+    x = torch.randint(0, 97, (1, 32))
+    plain = m(x)
+    hs = [p.register_forward_hook(lambda _m, i, o: o.clone())  # a hook that rebuilds the output
+          for p in (m.ln_final.hook_normalized, m.blocks[0].ln1.hook_normalized)]
+    hooked = m(x)
+    for h in hs:
+        h.remove()
+    assert torch.allclose(hooked, plain, atol=1e-5)
+
+
+def test_untied_zero_init_head_starts_uniform_and_softcap_bounds_logits():
+    m = tiny(tie_embeddings=False, zero_init_proj=True)
+    assert m.lm_head.weight is not m.wte.weight
+    assert all(not b.attn.proj.weight.any() and not b.mlp.proj.weight.any() for b in m.blocks)
+    assert torch.equal(m(torch.randint(0, 97, (1, 32))), torch.zeros(1, 32, 97))
+    capped = tiny(logit_softcap=0.5)(torch.randint(0, 97, (1, 32)))
+    assert capped.abs().max() < 0.5
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_bounds_attention_scores(qk_norm):
+    m = tiny("rotary", qk_norm=qk_norm)
+    attn, seen = m.blocks[0].attn, []
+    h = attn.hook_attn_scores.register_forward_hook(lambda _m, i, o: seen.append(o))
+    with torch.no_grad():
+        attn.qkv.weight.mul_(100)  # huge q and k
+        m(torch.randint(0, 97, (1, 32)))
+    h.remove()
+    # unit-RMS q and k of size 16: |q.k| / sqrt(16) <= 16 / 4
+    scores = seen[0][seen[0].isfinite()]  # the masked future is -inf
+    assert (scores.abs().max() <= 4.0 + 1e-4) == qk_norm

@@ -7,7 +7,7 @@ import torch
 from lmlab.config import TrainConfig
 from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.transformer import TransformerConfig
-from lmlab.train.optim import build_optimizer, lr_multiplier, param_groups
+from lmlab.train.optim import build_optimizer, lr_multiplier, param_groups, set_lr
 
 
 @pytest.fixture(autouse=True)
@@ -74,3 +74,78 @@ def test_every_optimizer_trains_and_round_trips_its_state():
             assert torch.equal(p, after[n]), (name, n)
         assert any(not torch.equal(p, after[n]) for n, p in fresh.network.named_parameters()), \
             name  # the state matters, so the equality above could have failed
+
+
+def test_wsd_warms_up_holds_then_decays_linearly_to_min_lr():
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="wsd",
+                    decay_fraction=0.2)
+    f = lr_multiplier(t)
+    assert math.isclose(f(0), 0.1) and math.isclose(f(9), 1.0)
+    assert f(10) == f(50) == f(90) == 1.0  # stable until 80% of the post-warm-up steps
+    assert math.isclose(f(100), 0.55, rel_tol=1e-6)  # halfway down the decay
+    assert math.isclose(f(110), 0.1) and math.isclose(f(500), 0.1)
+
+
+def test_time_fraction_drives_the_schedule_past_warmup():
+    t = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=10 ** 9, schedule="wsd",
+                    decay_fraction=0.5)
+    f = lr_multiplier(t)
+    assert math.isclose(f(3, 0.9), 0.4)  # warm-up still counts steps
+    assert f(20, 0.25) == 1.0 and math.isclose(f(20, 0.75), 0.5) and f(20, 1.2) == 0.0
+    cos = lr_multiplier(TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10 ** 9))
+    assert math.isclose(cos(5, 0.5), 0.5, rel_tol=1e-9)
+
+
+def test_muon_lr_is_its_own_and_survives_a_state_round_trip():
+    torch.manual_seed(0)
+    a = CustomTransformerAdapter(TransformerConfig(block_size=16, n_layer=1, n_head=2,
+                                                   d_model=16, d_ff=32, tie_embeddings=False))
+    t = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=2e-2)
+    opt = build_optimizer(a, t, torch.device("cpu"))
+    muon, adam = opt.optimizers
+    head = a.network.lm_head.weight
+    assert all(p is not head for p in muon.param_groups[0]["params"])  # the head stays on AdamW
+    assert any(p is head for g in adam.param_groups for p in g["params"])
+    set_lr(opt, 0.5e-3)
+    assert muon.param_groups[0]["lr"] == 1e-2
+    assert {g["lr"] for g in adam.param_groups} == {0.5e-3}
+    opt2 = build_optimizer(a, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=4e-2),
+                           torch.device("cpu"))
+    opt2.load_state_dict(opt.state_dict())  # the new config's ratio wins; groups stay live
+    set_lr(opt2, 1e-3)
+    assert opt2.optimizers[0].param_groups[0]["lr"] == 4e-2
+    assert opt2.param_groups[0] is opt2.optimizers[0].param_groups[0]
+
+
+def test_default_muon_uses_train_lr_for_every_group():
+    opt = build_optimizer(adapter(), TrainConfig(optimizer="muon", lr=3e-3), torch.device("cpu"))
+    set_lr(opt, 3e-3)
+    assert {g["lr"] for g in opt.param_groups} == {3e-3}
+
+
+def test_fp32_newton_schulz_muon_matches_torchs_bf16_muon():
+    """muon_ns_dtype=float32: torch's update (up to bf16 rounding) without bf16 matmuls."""
+    from lmlab.train.optim import Fp32Muon
+
+    torch.manual_seed(0)
+    a = adapter()
+    x = torch.randint(0, 97, (2, 16))
+    opts = {}
+    for ns in ("bfloat16", "float32"):
+        b = copy.deepcopy(a)
+        opts[ns] = (b, build_optimizer(b, TrainConfig(optimizer="muon", lr=1e-2, muon_ns_dtype=ns),
+                                       torch.device("cpu")))
+    assert type(opts["float32"][1].optimizers[0]) is Fp32Muon
+    assert type(opts["bfloat16"][1].optimizers[0]) is torch.optim.Muon
+    for b, opt in opts.values():
+        _step(b, opt, x)
+    (b16, o16), (b32, o32) = opts["bfloat16"], opts["float32"]
+    moved = 0
+    for (n, p16), p32, p0 in zip(b16.network.named_parameters(), b32.network.parameters(),
+                                 a.network.parameters(), strict=True):
+        d16, d32 = p16 - p0, p32 - p0
+        if p0.dim() == 2 and n not in ("wte.weight", "wpe.weight"):
+            moved += 1
+            assert (d32 - d16).norm() < 0.15 * d16.norm(), n  # NS amplifies bf16 rounding
+    assert moved == 4
+    o32.load_state_dict(o16.state_dict())  # the same state: a run can switch

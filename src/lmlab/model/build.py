@@ -16,7 +16,9 @@ def build_adapter(cfg: Config, vocab_size: int | None = None) -> BaseAdapter:
         tcfg = TransformerConfig(
             vocab_size=vocab_size or 97, block_size=cfg.data.block_size, n_layer=m.n_layer,
             n_head=m.n_head, d_model=m.d_model, d_ff=m.d_ff, dropout=m.dropout, bias=m.bias,
-            pos_encoding=m.pos_encoding)
+            pos_encoding=m.pos_encoding, norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm,
+            tie_embeddings=m.tie_embeddings, logit_softcap=m.logit_softcap,
+            zero_init_proj=m.zero_init_proj, value_embed=m.value_embed, embed_skip=m.embed_skip)
         return CustomTransformerAdapter(tcfg)
     from lmlab.model import registry
 

@@ -138,11 +138,20 @@ def llama_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+NANOGPT_DEFAULTS = {"norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
+                    "logit_softcap": None, "value_embed": False, "embed_skip": False}
+
+
 def hf_model(model: torch.nn.Module) -> Any:
     """The transformers model (GPT-2 or Llama) that computes what our Transformer computes."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
     cfg, dtype = model.cfg, model.wte.weight.dtype
+    knobs = [f"model.{k}={v!r}" for k, v in cfg.to_dict().items()
+             if k in NANOGPT_DEFAULTS and v != NANOGPT_DEFAULTS[k]]
+    if knobs:  # the speedrun knobs (zero_init_proj only sets the start, so it exports)
+        raise LmlabError(f"Cannot export a model with {', '.join(knobs)}: export writes "
+                         "nanoGPT's architecture; retrain with those knobs at their defaults.")
     if cfg.pos_encoding in ("learned", "sinusoidal"):
         cls, config, state = GPT2LMHeadModel, gpt2_config, gpt2_state_dict
     elif cfg.pos_encoding == "rotary" and not cfg.bias:

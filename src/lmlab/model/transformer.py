@@ -8,6 +8,11 @@ Attention after the q/k/v projections (and rotary) is the shared core in
 expose TL's `ln1` / `ln2` / `ln_final` points through `lmlab.model.norms`; the
 LayerNorm weights keep their nanoGPT names `ln_1` / `ln_2`, so checkpoints load
 as before.
+
+The speedrun knobs (modded-nanogpt's) are config fields whose defaults give
+nanoGPT's model exactly: RMSNorm, ReLU^2 or SwiGLU MLPs, QK-norm, an untied
+head, logit soft-capping, zero-initialised output projections, value
+embeddings and a skip from the embedding into every block.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.model.attention import add_attention_points, attend, on_heads
-from lmlab.model.norms import NormPoints, hooked_norm, layer_norm, layer_norm_gain
+from lmlab.model.norms import Gain, NormPoints, hooked_norm, layer_norm, layer_norm_gain
 from lmlab.model.points import HookPoint
 
 
@@ -35,6 +40,14 @@ class TransformerConfig:
     dropout: float = 0.0
     bias: bool = False
     pos_encoding: str = "learned"  # learned | sinusoidal | rotary
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | relu2 | swiglu (fc then holds gate and up: 2 x d_ff outputs)
+    qk_norm: bool = False  # RMSNorm of q and k per head, before rotary
+    tie_embeddings: bool = True
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    zero_init_proj: bool = False  # output projections (and an untied head) start at zero
+    value_embed: bool = False  # a per-layer token embedding added to the values
+    embed_skip: bool = False  # each block adds a learned multiple of the embedding
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,14 +109,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        add_attention_points(self, rotary=cfg.pos_encoding == "rotary", qk_norm=False)
+        add_attention_points(self, rotary=cfg.pos_encoding == "rotary", qk_norm=cfg.qk_norm)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
 
     def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+                layer: int, ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        if ve is not None:
+            v = v + ve.view_as(v)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,hd]
+        if hasattr(self, "q_norm"):  # QK-norm, before rotary
+            q, k = self.hook_q_normed(self.q_norm(q)), self.hook_k_normed(self.k_norm(k))
         if rotary is not None:
             q = on_heads(self.hook_rot_q, apply_rotary(q, *rotary))
             k = on_heads(self.hook_rot_k, apply_rotary(k, *rotary))
@@ -115,35 +134,66 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.kind = cfg.mlp
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.hook_pre, self.hook_post = HookPoint(), HookPoint()
+        self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # hook_post: the activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.hook_post(F.gelu(self.hook_pre(self.fc(x)))))
+        h = self.hook_pre(self.fc(x))
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        elif self.kind == "relu2":
+            a = F.relu(h).square()
+        else:
+            a = F.gelu(h)
+        return self.proj(self.hook_post(a))
+
+
+def make_norm(d: int, cfg: TransformerConfig) -> nn.Module:
+    """nanoGPT's LayerNorm, or RMSNorm (`model.norm`); both keep the parameter name `weight`."""
+    return nn.LayerNorm(d, bias=cfg.bias) if cfg.norm == "layernorm" else nn.RMSNorm(d, eps=1e-5)
+
+
+def rms_norm_gain(norm: nn.RMSNorm) -> Gain:
+    return lambda h, x: (h * norm.weight).to(x.dtype)
+
+
+def apply_norm(x: torch.Tensor, norm: nn.Module, points: nn.Module) -> torch.Tensor:
+    """The norm with TransformerLens's points (hook_normalized is before the gain, either kind)."""
+    if isinstance(norm, nn.RMSNorm):
+        return hooked_norm(x, norm, points, eps=norm.eps, gain=rms_norm_gain(norm))
+    return layer_norm(x, norm, points)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_1 = make_norm(cfg.d_model, cfg)
         self.attn = Attention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_2 = make_norm(cfg.d_model, cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         # TransformerLens's blocks.{i}.ln1 / ln2 points; the weights keep their names ln_1 / ln_2
         self.ln1, self.ln2 = NormPoints(), NormPoints()
+        if cfg.embed_skip:
+            self.skip = nn.Parameter(torch.zeros(1))
         self.hook_resid_pre, self.hook_resid_mid = HookPoint(), HookPoint()
         self.hook_resid_post = HookPoint()
         self.hook_attn_out, self.hook_mlp_out = HookPoint(), HookPoint()
 
     def forward(self, x: torch.Tensor, rotary: tuple | None, cache: KVCache | None,
-                layer: int) -> torch.Tensor:
+                layer: int, x0: torch.Tensor | None = None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        if x0 is not None:
+            x = x + self.skip * x0
         x = self.hook_resid_pre(x)
-        h = layer_norm(x, self.ln_1, self.ln1)
-        attn_out = self.hook_attn_out(self.drop(self.attn(h, rotary, cache, layer)))
+        h = apply_norm(x, self.ln_1, self.ln1)
+        attn_out = self.hook_attn_out(self.drop(self.attn(h, rotary, cache, layer, ve)))
         x = self.hook_resid_mid(x + attn_out)
-        mlp_out = self.hook_mlp_out(self.drop(self.mlp(layer_norm(x, self.ln_2, self.ln2))))
+        mlp_out = self.hook_mlp_out(self.drop(self.mlp(apply_norm(x, self.ln_2, self.ln2))))
         return self.hook_resid_post(x + mlp_out)
 
 
@@ -160,6 +210,17 @@ class FinalNorm(nn.LayerNorm):
                            center=True)
 
 
+class FinalRMSNorm(nn.RMSNorm):
+    """The final norm when `model.norm: rmsnorm`, with the same points as FinalNorm."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d, eps=1e-5)
+        self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hooked_norm(x, super().forward, self, eps=self.eps, gain=rms_norm_gain(self))
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
@@ -172,9 +233,14 @@ class Transformer(nn.Module):
                                  persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_final = FinalNorm(cfg.d_model, cfg.bias)
+        self.ln_final = (FinalNorm(cfg.d_model, cfg.bias) if cfg.norm == "layernorm"
+                         else FinalRMSNorm(cfg.d_model))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.value_embed:
+            self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.d_model)
+                                              for _ in range(cfg.n_layer))
         self.hook_embed = HookPoint()
         if cfg.pos_encoding != "rotary":  # rotary has no position embedding to hook
             self.hook_pos_embed = HookPoint()
@@ -183,6 +249,10 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init_proj:  # blocks start as the identity; an untied head predicts uniform
+            for name, p in self.named_parameters():  # (a tied head is wte, so not listed)
+                if name.endswith("proj.weight") or name == "lm_head.weight":
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -207,12 +277,16 @@ class Transformer(nn.Module):
                 raise ValueError(f"{start + T} positions exceed block_size {self.cfg.block_size}")
             table = self.wpe.weight if self.cfg.pos_encoding == "learned" else self.sinusoid
             x = x + self.hook_pos_embed(table[start:start + T].expand(B, T, -1))
-        x = self.drop(x)
+        x = x0 = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, i)
+            ve = self.value_embeds[i](idx) if self.cfg.value_embed else None
+            x = block(x, rotary, cache, i, x0 if self.cfg.embed_skip else None, ve)
         if cache is not None:
             cache.pos += T
-        return self.hook_logits(self.lm_head(self.ln_final(x)))
+        logits = self.lm_head(self.ln_final(x))
+        if self.cfg.logit_softcap:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return self.hook_logits(logits)
 
     def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         c = self.cfg
@@ -220,7 +294,7 @@ class Transformer(nn.Module):
                        device=device, dtype=dtype)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
         if non_embedding and self.cfg.pos_encoding == "learned":
             n -= self.wpe.weight.numel()
         return n

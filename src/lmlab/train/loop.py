@@ -132,6 +132,8 @@ class Trainer:
         self.batcher = RandomBatcher(self.data.train, cfg.data.block_size, t.batch_size,
                                      self.device, cfg.run.seed, self.dist.rank)
         self.step, self.best_val, self.last_val = 0, math.inf, None
+        self.elapsed_before = 0.0  # training wall time of earlier sessions (resume continues it)
+        self.t0: float | None = None  # when this session's loop started
         self.progress = progress and self.dist.is_main
         self.changes: list[str] = []
         if ckpt is not None:
@@ -146,6 +148,7 @@ class Trainer:
             hook_states = ckpt.get("hooks") or [{}]  # one per rank, as the sampler's
             self.hooks.load_state_dict(hook_states[min(self.dist.rank, len(hook_states) - 1)])
             self.step, self.best_val = ckpt["step"], ckpt.get("best_val", math.inf)
+            self.elapsed_before = ckpt.get("elapsed_s", 0.0)
             self.run_id, self.run_dir = ckpt["run_id"], Path(ckpt["path"]).parents[1]
         else:
             self.run_id = mf.new_run_id(cfg.run.name, cfg.hash(), Path(cfg.run.out_dir))
@@ -157,7 +160,7 @@ class Trainer:
         self.metrics = mf.MetricsLog(self.run_dir / "metrics.jsonl", self.dist.is_main, self.tb)
         self.telemetry = Telemetry(cfg.telemetry, self.adapter, self.dist, self.metrics,
                                    self.tb.histogram, lambda: autocast(self.device, self.dtype))
-        self.interrupted = False
+        self.interrupted = self.out_of_time = False
         self.skipped, self.skips_in_row = 0, 0  # updates skipped for a non-finite loss/gradient
 
     def _check_data_fits(self) -> None:
@@ -224,7 +227,7 @@ class Trainer:
                     rng=_rng_state(self.device), sampler=samplers, hooks=hook_states,
                     config=self.cfg.to_dict(),
                     run_id=self.run_id, best_val=self.best_val, plugins=self.hooks.plugins,
-                    data_hash=self.data.meta.get("data_hash"),
+                    elapsed_s=self.clock(), data_hash=self.data.meta.get("data_hash"),
                     saved_at=dt.datetime.now().isoformat(timespec="seconds"))
                 prune_checkpoints(path.parent, self.cfg.train.keep_checkpoints)
             except Exception as e:  # every rank must stop, not wait for rank 0 at the barrier
@@ -243,6 +246,10 @@ class Trainer:
                           self.cfg.train.eval_batches * self.cfg.train.batch_size, cpt)
         self.best_val = min(self.best_val, result["val_loss"])
         return result
+
+    def clock(self) -> float:
+        """Seconds of training loop so far, over every session of this run."""
+        return self.elapsed_before + (time.perf_counter() - self.t0 if self.t0 else 0.0)
 
     def _truncate_metrics(self) -> None:
         """On resume, drop records past the checkpoint, so the log is one consistent curve."""
@@ -278,7 +285,10 @@ class Trainer:
         self.hooks.attach(self.run_dir)
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress,
                    dynamic_ncols=True, unit="step")
-        status, t0, started = "finished", time.perf_counter(), self.step
+        status, started = "finished", self.step
+        self.t0 = t0 = time.perf_counter()
+        budget, clock = t.time_budget_s, self.clock
+        self.out_of_time = bool(budget) and clock() >= budget  # a resume after the budget
         # tokens/s counts time in training steps only, not evaluation or checkpointing
         step_time, window_time, step_window = 0.0, 0.0, self.step
         last_loss = math.nan
@@ -288,11 +298,11 @@ class Trainer:
                 if t.sample_every:
                     self._write_sample()
             self.model.train()
-            while self.step < t.max_steps:
+            while self.step < t.max_steps and not self.out_of_time:
                 if self.dist.any_rank(self.interrupted):  # all ranks stop at the same step
                     self.interrupted = True
                     break
-                lr = t.lr * self.lr_mult(self.step)
+                lr = t.lr * self.lr_mult(self.step, budget and clock() / budget)
                 set_lr(self.optimizer, lr)
                 t_step = time.perf_counter()
                 loss, aux = self._train_step()
@@ -301,20 +311,24 @@ class Trainer:
                 self.step += 1
                 last_loss = loss
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                # every rank stops at the same step: rank 0's clock decides
+                self.out_of_time = bool(budget) and self.dist.any_rank(
+                    self.dist.is_main and clock() >= budget)
+                last = self.step == t.max_steps or self.out_of_time
+                if self.step % t.log_every == 0 or last:
                     tps = tokens_per_step * (self.step - step_window) / max(window_time, 1e-9)
                     window_time, step_window = 0.0, self.step
                     self.metrics.write(kind="train", step=self.step, loss=loss, lr=lr,
                                        tokens_per_s=round(tps),
-                                       time=round(time.perf_counter() - t0, 3))
+                                       time=round(clock(), 3))
                     for name, value in aux.items():
                         self.metrics.write(kind="aux", step=self.step, name=name, value=value)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-                if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                    self._eval_and_log(time.perf_counter() - t0)
+                if self.step % t.eval_every == 0 or last:
+                    self._eval_and_log(clock())
                 if t.sample_every and self.step % t.sample_every == 0:
                     self._write_sample()
-                if self.step % t.checkpoint_every == 0 and self.step != t.max_steps:
+                if self.step % t.checkpoint_every == 0 and not last:
                     self.save()
             if self.interrupted:
                 status = "interrupted"
@@ -338,7 +352,8 @@ class Trainer:
                     "last_val_loss": self.last_val, "nonfinite_skips": self.skipped,
                     "tokens_per_s": round(tokens_per_step * steps_done / step_time)
                     if steps_done else None,
-                    "wall_s": round(wall, 2)}})
+                    "wall_s": round(wall, 2), "train_clock_s": round(clock(), 2),
+                    "stopped_by": "time_budget" if self.out_of_time else None}})
             except OSError as e:
                 if status != "failed":
                     raise

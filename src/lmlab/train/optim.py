@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmlab.config import TrainConfig
+from lmlab.device import fast_bf16
 from lmlab.errors import LmlabError
 
 
@@ -43,14 +44,52 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+class Fp32Muon(torch.optim.Muon):
+    """torch's Muon with its Newton-Schulz iteration in float32 instead of bfloat16.
+
+    torch casts the update to bf16 for the iteration, which CPUs without
+    AVX512-BF16/AMX emulate about 100x slower than fp32: there the iteration
+    would cost more than the forward and backward passes. The maths is torch's.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            a, b, c = group["ns_coefficients"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                x = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                x = x.float().T if x.size(0) > x.size(1) else x.float()
+                x = x / x.norm().clamp(min=group["eps"])
+                for _ in range(group["ns_steps"]):
+                    gram = x @ x.T
+                    x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+                x = x.T if p.size(0) > p.size(1) else x
+                scale = 0.2 * math.sqrt(max(p.shape[0], p.shape[1]))  # match_rms_adamw
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(x.to(p.dtype), alpha=-group["lr"] * scale)
+        return loss
+
+
 class Combined(torch.optim.Optimizer):
     """Several optimizers stepped as one (Muon for matrices, AdamW for the rest)."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
         self.defaults = {}
         self.state = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read through: load_state_dict gives each optimizer new group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self, closure: Callable | None = None):
         for o in self.optimizers:
@@ -64,8 +103,11 @@ class Combined(torch.optim.Optimizer):
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state: dict) -> None:
+        ratios = [g.get("lr_ratio", 1.0) for g in self.param_groups]  # this config's, not saved
         for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
+        for g, r in zip(self.param_groups, ratios, strict=True):
+            g["lr_ratio"] = r
 
 
 def param_groups(adapter: nn.Module, weight_decay: float) -> list[dict]:
@@ -91,27 +133,46 @@ def build_optimizer(adapter: nn.Module, t: TrainConfig, device: torch.device
     if t.optimizer == "lion":
         return Lion(groups, lr=t.lr, betas=betas)
     if t.optimizer == "muon":
-        # Muon orthogonalises 2-D updates; embeddings and the tied head stay on AdamW
-        matrices = [p for p in groups[0]["params"] if p.dim() == 2]
-        rest = [p for p in groups[0]["params"] if p.dim() != 2]
+        # Muon orthogonalises hidden 2-D updates; embeddings and the head stay on AdamW
+        head = {id(p) for n, p in adapter.network.named_parameters() if "lm_head" in n}
+        matrices = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in head]
+        rest = [p for p in groups[0]["params"] if p.dim() != 2 or id(p) in head]
         adam = torch.optim.AdamW([{"params": rest, "weight_decay": t.weight_decay},
                                   groups[1]], lr=t.lr, betas=betas)
-        muon = torch.optim.Muon(matrices, lr=t.lr, weight_decay=t.weight_decay,
-                                momentum=t.momentum, adjust_lr_fn="match_rms_adamw")
+        muon_lr = t.muon_lr or t.lr
+        fp32 = t.muon_ns_dtype == "float32" or (t.muon_ns_dtype == "auto"
+                                                 and not fast_bf16(device))
+        muon = (Fp32Muon if fp32 else torch.optim.Muon)(
+            matrices, lr=muon_lr, weight_decay=t.weight_decay, momentum=t.momentum,
+            adjust_lr_fn="match_rms_adamw")
+        muon.param_groups[0]["lr_ratio"] = muon_lr / t.lr
         return Combined([muon, adam])
     raise LmlabError(f"Unknown optimizer '{t.optimizer}'. Choices: adamw, sgd, lion, muon.")
 
 
-def lr_multiplier(t: TrainConfig) -> Callable[[int], float]:
-    """Linear warmup, then cosine or linear decay to min_lr (as a multiplier of lr)."""
+def lr_multiplier(t: TrainConfig) -> Callable[..., float]:
+    """Linear warmup, then cosine, linear or warmup-stable-decay to min_lr (a multiplier of lr).
+
+    Progress is the fraction of steps done after warm-up, or, under a time
+    budget, the `fraction` of the budget used, so the decay ends when time does.
+    WSD holds the peak lr and decays linearly over the last `decay_fraction`.
+    """
     floor = t.min_lr / t.lr
 
-    def fn(step: int) -> float:
+    def fn(step: int, fraction: float | None = None) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        if fraction is None:
+            progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        else:
+            progress = min(1.0, max(0.0, fraction))
+        if t.schedule == "wsd":
+            stable = 1.0 - t.decay_fraction
+            if progress <= stable:
+                return 1.0
+            return floor + (1 - floor) * (1 - (progress - stable) / t.decay_fraction)
         if t.schedule == "linear":
             return floor + (1 - floor) * (1 - progress)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -120,6 +181,9 @@ def lr_multiplier(t: TrainConfig) -> Callable[[int], float]:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule is a pure function of the step, so resuming needs no scheduler state."""
+    """The schedule is a pure function of the step, so resuming needs no scheduler state.
+
+    A group with an `lr_ratio` (Muon's, when train.muon_lr is set) gets lr x that ratio.
+    """
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
