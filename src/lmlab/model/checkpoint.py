@@ -81,7 +81,8 @@ def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
     """Write weights, model config and metadata, plus whatever loop state is given.
 
     `model=` in `state` gives the weights (a sharded run gathers them first);
-    otherwise they are the adapter's own. Refused (NonFiniteCheckpoint) when a
+    otherwise they are the adapter's own trained ones (on a LoRA model, the LoRA
+    weights). Refused (NonFiniteCheckpoint) when a
     tensor is NaN or inf, so every checkpoint on disk is one worth resuming.
     """
     path = Path(path)
@@ -93,7 +94,7 @@ def save_checkpoint(path: str | Path, adapter: Any, **state: Any) -> Path:
         **state,
     }
     if "model" not in ckpt:
-        ckpt["model"] = adapter.network.state_dict()
+        ckpt["model"] = adapter.trained_state()
     bad = nonfinite_tensors({"model": ckpt["model"], "optimizer": ckpt.get("optimizer")})
     if bad:
         last = last_good_checkpoint(path.parent)

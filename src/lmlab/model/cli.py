@@ -81,14 +81,22 @@ def cmd_models(args: argparse.Namespace) -> None:
         from lmlab.model.importer import register_checkpoint
 
         e = register_checkpoint(args.checkpoint, args.name, root)
-        print(f"Registered {args.checkpoint} as '{e['model_name']}', fine-tuned from "
+        ft = e.get("finetune") or {}
+        how = f"LoRA r={ft.get('r')}, merged" if ft.get("method") == "lora" else "full"
+        print(f"Registered {args.checkpoint} as '{e['model_name']}', fine-tuned ({how}) from "
               f"'{e['fine_tuned_from']}' ({_fmt_params(e['num_params'])} parameters).")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from lmlab.model.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, force=args.force, root=args.models_dir)
+    out = export_checkpoint(args.checkpoint, args.out, force=args.force, root=args.models_dir,
+                            merge=args.merge)
+    if (out / "adapter_config.json").is_file():
+        print(f"Exported the LoRA adapter of {args.checkpoint} to {out}: load it with "
+              f"PeftModel.from_pretrained(base_model, '{out}'), or export with --merge for a "
+              "whole model.")
+        return
     print(f"Exported {args.checkpoint} to {out}: load it with "
           f"AutoModelForCausalLM.from_pretrained('{out}') and AutoTokenizer.from_pretrained"
           f"('{out}').")
@@ -152,10 +160,15 @@ def add_commands(sub: Any) -> None:
         "and AutoTokenizer load without lmlab. A fine-tune of an imported model keeps its "
         "architecture and names its base model; a from-scratch character model becomes GPT-2 "
         "(exact GELU, learned or sinusoidal positions; rotary is refused) with a "
-        "character-level tokenizer of the same 97 ids.")
+        "character-level tokenizer of the same 97 ids. A LoRA fine-tune is written as a PEFT "
+        "adapter folder (PeftModel.from_pretrained(base, DIR)) unless --merge is given.")
     s.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run folder (its latest checkpoint)")
     s.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
     s.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    s.add_argument("--merge", action="store_true",
+                   help="for a LoRA fine-tune: write the base with the LoRA updates merged in "
+                   "(a whole model) instead of a PEFT adapter folder; a full fine-tune is "
+                   "written as the model either way")
     s.add_argument("--models-dir", help=MODELS_DIR_HELP)
     s.set_defaults(func=cmd_export)

@@ -380,14 +380,19 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
 
 def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | None = None
                         ) -> dict[str, Any]:
-    """Make a fine-tuned checkpoint a registry model whose `fine_tuned_from` is its parent."""
+    """Make a fine-tuned checkpoint a registry model whose `fine_tuned_from` is its parent.
+
+    A LoRA fine-tune is registered merged (a whole model others can fine-tune
+    again); its entry records the method and rank.
+    """
     from lmlab.model.adapters import load_adapter
     from lmlab.model.adapters.hf import HFCausalLMAdapter
+    from lmlab.model.finetune import merged_model
 
     root = registry.models_root(root)
     registry.validate_name(name)
     registry.check_name_free(name, root)
-    adapter, ckpt = load_adapter(checkpoint)
+    adapter, ckpt = load_adapter(checkpoint, models_root=root)
     if not isinstance(adapter, HFCausalLMAdapter):
         raise LmlabError(
             f"{ckpt['path']} is a from-scratch lmlab model ({adapter.meta.get('architecture_type')}"
@@ -402,8 +407,10 @@ def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | No
     tok = adapter.tokenizer  # from the parent's folder; fails clearly if it is gone
     staged = _staging(root, name)
     try:
-        adapter.model.save_pretrained(str(staged))
+        model = merged_model(adapter)
+        model.save_pretrained(str(staged))
         tok.save(staged)
+        ft = meta.get("finetune") or {"method": "full"}
         entry = {
             "model_name": name,
             "model_id": str(Path(ckpt["path"]).resolve()),
@@ -411,7 +418,8 @@ def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | No
             "license": parent_entry.get("license", "unknown"),
             "fine_tuned_from": parent,
             "step": ckpt.get("step"),
-            **_describe(adapter.model, staged),
+            "finetune": {k: v for k, v in ft.items() if k != "base_weights_sha256"},
+            **_describe(model, staged),
         }
         return registry.add_entry(entry, root, staged_dir=staged)
     finally:

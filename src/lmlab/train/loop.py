@@ -34,6 +34,7 @@ from lmlab.hooks.manager import ExperimentHooks
 from lmlab.model.adapters import adapter_from_checkpoint
 from lmlab.model.build import build_adapter
 from lmlab.model.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints
+from lmlab.model.finetune import check_resume, use_activation_checkpointing
 from lmlab.train import distributed, faults
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
 from lmlab.train.telemetry import Telemetry
@@ -110,11 +111,14 @@ class Trainer:
         self.data = load_prepared(cfg.data.path)
         ckpt = load_checkpoint(resume) if resume else None
         if ckpt is not None:
+            check_resume(ckpt["model_meta"], t.finetune)
             self.adapter = adapter_from_checkpoint(ckpt)
             self.adapter.block_size = cfg.data.block_size
         else:
             self.adapter = build_adapter(cfg, self.data.meta["vocab_size"])
         self._check_data_fits()
+        if t.activation_checkpointing:
+            use_activation_checkpointing(self.adapter)
         if cfg.model.dtype != "float32":
             self.adapter.to(getattr(torch, cfg.model.dtype))
         if not self.dist.sharded:  # FSDP moves each rank's shards to its device itself
@@ -197,7 +201,9 @@ class Trainer:
             "config": cfg.to_dict(), "config_hash": cfg.hash(), "base_hash": cfg.base_hash(),
             "data_hash": self.data.meta.get("data_hash"), "data_path": cfg.data.path,
             "hooks": self.hooks.describe(), "plugins": self.hooks.plugins,
-            "model": {**self.adapter.meta, "params": self.adapter.num_params()},
+            "model": {**self.adapter.meta, "params": self.adapter.num_params(),
+                      "trainable_params": sum(p.numel() for p in self.adapter.parameters()
+                                              if p.requires_grad)},
             "code": mf.code_version(), "libraries": mf.library_versions(),
             "seed": cfg.run.seed, "device": str(self.device), "dtype": self.dtype,
             "world_size": self.dist.world_size, "pid": os.getpid(),
@@ -211,7 +217,7 @@ class Trainer:
         path = checkpoint_path(self.run_dir, self.step)
         samplers = self.dist.gather_objects(self.batcher.state_dict())
         hook_states = self.dist.gather_objects(self.hooks.state_dict())
-        weights = self.dist.full_state(self.adapter.network.state_dict())
+        weights = self.dist.full_state(self.adapter.trained_state())
         optimizer = self.dist.full_state(self.optimizer.state_dict())
         error = None
         if self.dist.is_main:

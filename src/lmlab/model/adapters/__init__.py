@@ -16,6 +16,7 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.model.adapters.base import BaseAdapter
 from lmlab.model.checkpoint import load_checkpoint
+from lmlab.model.finetune import is_lora, lora_adapter_from_checkpoint
 
 
 def _adapter_classes() -> dict[str, type[BaseAdapter]]:
@@ -49,10 +50,18 @@ def supported_architectures() -> dict[str, str]:
             if getattr(cls, "hf_classes", None)}
 
 
-def adapter_from_checkpoint(ckpt: dict[str, Any]) -> BaseAdapter:
-    """The adapter of an already loaded checkpoint, with its weights (on the CPU)."""
+def adapter_from_checkpoint(ckpt: dict[str, Any], models_root: str | Path | None = None
+                            ) -> BaseAdapter:
+    """The adapter of an already loaded checkpoint, with its weights (on the CPU).
+
+    A LoRA checkpoint holds its adapter weights only: the base comes from the
+    registry (`models_root`, default as everywhere), checked against its hash.
+    """
     meta = ckpt["model_meta"]
-    adapter = adapter_class(meta["architecture_type"]).from_config(ckpt["model_config"], meta)
+    cls = adapter_class(meta["architecture_type"])
+    if is_lora(meta):
+        return lora_adapter_from_checkpoint(cls, ckpt, models_root)
+    adapter = cls.from_config(ckpt["model_config"], meta)
     try:
         adapter.network.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -63,8 +72,8 @@ def adapter_from_checkpoint(ckpt: dict[str, Any]) -> BaseAdapter:
     return adapter
 
 
-def load_adapter(path: str | Path, device: str | torch.device = "cpu"
-                 ) -> tuple[BaseAdapter, dict[str, Any]]:
-    """Rebuild the adapter a checkpoint was made with, from the checkpoint alone."""
+def load_adapter(path: str | Path, device: str | torch.device = "cpu",
+                 models_root: str | Path | None = None) -> tuple[BaseAdapter, dict[str, Any]]:
+    """Rebuild the adapter a checkpoint was made with (a LoRA one on its registered base)."""
     ckpt = load_checkpoint(path)
-    return adapter_from_checkpoint(ckpt).to(device), ckpt
+    return adapter_from_checkpoint(ckpt, models_root).to(device), ckpt

@@ -17,6 +17,7 @@ from torch import nn
 
 from lmlab.data.tokenizer import Tokenizer
 from lmlab.model.checkpoint import save_checkpoint
+from lmlab.model.finetune import is_lora
 from lmlab.model.points import HookPoint, collect_hook_points
 
 
@@ -61,6 +62,14 @@ class BaseAdapter(nn.Module):
         its own order, so that FSDP gathers the block before that method runs.
         """
         raise NotImplementedError
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint keeps: all of them, or on a frozen base (LoRA) the trained."""
+        state = self.network.state_dict()
+        if not is_lora(self.meta):
+            return state
+        trained = {n for n, p in self.network.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trained}
 
     def decay_mask(self, name: str, param: nn.Parameter) -> bool:
         """Whether weight decay applies: matrices yes; norms, biases and embeddings no."""
