@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -71,3 +72,15 @@ def make_config(corpus_dir: Path, tmp_path: Path):
         return tiny_config(corpus_dir, tmp_path / "runs", **sections)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,13 +12,9 @@ from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.transformer import TransformerConfig
 
 
-@pytest.fixture(autouse=True, scope="session")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True)
+def _hooks_tests_on_one_thread(one_thread):
+    """Every hooks test runs its tiny models on one thread (tests/conftest.py)."""
 
 
 def tiny_adapter(seed: int = 0, **kw) -> CustomTransformerAdapter:

@@ -23,13 +23,7 @@ IDX = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("model_type", sorted(supported_architectures()))

@@ -44,21 +44,13 @@ from .conftest import random_model
 from .test_export_char import checkpoint
 
 # TL warns that an edited norm point is rebuilt off HF's native path: that is the point here
-pytestmark = pytest.mark.filterwarnings("ignore:A forward hook edited:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:A forward hook edited:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 FAMILIES = sorted(supported_architectures()) + ["scratch"]
 IDX = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(3))
 ATOL = {"scratch": 2e-5}  # else 1e-5
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

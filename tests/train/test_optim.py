@@ -9,14 +9,7 @@ from lmlab.model.adapters.custom import CustomTransformerAdapter
 from lmlab.model.transformer import TransformerConfig
 from lmlab.train.optim import build_optimizer, lr_multiplier, param_groups, set_lr
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def adapter() -> CustomTransformerAdapter:

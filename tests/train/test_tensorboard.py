@@ -11,20 +11,12 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lmlab.records import read_metrics, scalars
 from lmlab.train.loop import Trainer, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two spin-wait badly on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _events(run_dir) -> EventAccumulator:
