@@ -25,6 +25,7 @@ machine compare them with that in mind.
     .venv/bin/python benchmarks/bench_time_to_loss.py                  # 3 x 600 s
     .venv/bin/python benchmarks/bench_time_to_loss.py --budget-s 150   # 3 x 150 s
     .venv/bin/python benchmarks/bench_time_to_loss.py --dtype float32  # fp32 where auto is bf16
+    .venv/bin/python benchmarks/bench_time_to_loss.py --dtype float32,bfloat16  # both tables
     .venv/bin/python benchmarks/bench_time_to_loss.py --only char-speedrun --budget-s 160
 """
 
@@ -61,6 +62,7 @@ THRESHOLDS = (2.0, 1.8, 1.7, 1.6, 1.5)
 EVAL_TOKENS = 40_960  # the val subset scored during training, per recipe
 EVALS = 20  # evaluations per budget
 RECIPES = ("nanogpt", "char-fast", "char-speedrun")
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16"}
 
 
 class _Logits(nn.Module):
@@ -157,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=600.0, help="wall budget per recipe")
     p.add_argument("--only", default=",".join(RECIPES), help="comma-separated recipes to run")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="train.dtype of the lmlab recipes (nanoGPT runs fp32, as it does on CPU)")
+    p.add_argument("--dtype", default="auto",
+                   help="train.dtype of the lmlab recipes: auto, float32, bfloat16, or a comma "
+                        "list to run each recipe in each (nanoGPT runs fp32, as it does on CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override for char-speedrun (repeatable)")
     args = p.parse_args(argv)
@@ -173,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"Unknown recipe(s) {sorted(unknown)}; choose from {', '.join(RECIPES)}.")
         return 2
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not dtypes or set(dtypes) - {"auto", "float32", "bfloat16"}:
+        print(f"--dtype {args.dtype}: choose auto, float32, bfloat16 or a comma list of them.")
+        return 2
+    runs = [(name, None) for name in recipes if name == "nanogpt"]
+    runs += [(name, d) for d in dtypes for name in recipes if name != "nanogpt"]
     print(describe())
     auto = resolve_dtype("auto", torch.device("cpu"))
     print(f"dtype auto picks {auto} here; lmlab recipes run --dtype {args.dtype}" +
@@ -183,25 +192,27 @@ def main(argv: list[str] | None = None) -> int:
         meta = prepare([str(src)], data, val_fraction=0.1)
         print(f"corpus: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens; "
               f"budget {args.budget_s:.0f} s per recipe\n")
-        for name in recipes:
+        for name, dtype in runs:
             before = os.getloadavg()[0]
-            if name == "nanogpt":
+            if dtype is None:
                 r = run_nanogpt(data, args.budget_s, args.threads)
             else:
-                sets = [f"train.dtype={args.dtype}"]
+                sets = [f"train.dtype={dtype}"]
                 r = run_lmlab(name, data, args.budget_s, args.threads, Path(tmp) / "runs",
                               sets + (args.set if name == "char-speedrun" else []))
             r["load"] = (before, os.getloadavg()[0])
+            if len(dtypes) > 1 and dtype is not None:
+                name = f"{name} {DTYPE_SHORT[r['dtype']]}"
             results[name] = r
             print(f"{name}: {r['note']}, {r['dtype']}; curve (step, s, subset val loss): " +
                   ", ".join(f"({s}, {c:.0f}, {v:.3f})" for s, c, v in r["curve"]), flush=True)
 
     head = "".join(f"{'t<=' + str(x):>9}" for x in THRESHOLDS)
-    print(f"\n{'recipe':<15}{head}{'val@budget':>12}{'steps':>8}{'tokens':>12}{'load':>12}")
+    print(f"\n{'recipe':<20}{head}{'val@budget':>12}{'steps':>8}{'tokens':>12}{'load':>12}")
     for name, r in results.items():
         times = "".join(f"{t:>8.0f}s" if (t := first_time(r["curve"], x)) is not None
                         else f"{'-':>9}" for x in THRESHOLDS)
-        print(f"{name:<15}{times}{r['final']:>12.4f}{r['steps']:>8}{r['tokens']:>12,}"
+        print(f"{name:<20}{times}{r['final']:>12.4f}{r['steps']:>8}{r['tokens']:>12,}"
               f"{r['load'][0]:>6.1f}>{r['load'][1]:<5.1f}")
     print("(time to a loss: first evaluation at or below it, on the val subset; "
           "val@budget: the whole val split; load: 1-min load average before>after)")

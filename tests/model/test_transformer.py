@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmlab.model.adapters.custom import CustomTransformerAdapter
-from lmlab.model.transformer import Transformer, TransformerConfig
+from lmlab.model.transformer import Transformer, TransformerConfig, apply_rotary, rotary_tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,6 +24,23 @@ def test_logits_shape_and_causality(pos):
     x2[:, 20:] = (x2[:, 20:] + 1) % 97  # change only the future
     assert torch.allclose(m(x2)[:, :20], logits[:, :20], atol=1e-6)
     assert not torch.allclose(m(x2)[:, 20:], logits[:, 20:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_turns_adjacent_channel_pairs_by_each_positions_angle(dtype):
+    T, hd = 12, 8
+    x = torch.randn(2, 3, T, hd).to(dtype)
+    angles = torch.arange(T).float()[:, None] / 10000 ** (torch.arange(0, hd, 2) / hd)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    expected = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    out = apply_rotary(x, rotary_tables(torch.arange(T), hd))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expected.to(dtype), rtol=0, atol=1e-6)
+    # a rotation: each pair keeps its length, and position 0 is left as it is
+    torch.testing.assert_close(out.float().pow(2).sum(-1), x.float().pow(2).sum(-1),
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, :, 0], x[:, :, 0])
 
 
 def test_head_is_tied_and_bias_configurable():

@@ -64,3 +64,36 @@ def layer_norm(x: torch.Tensor, ln: nn.LayerNorm, points: nn.Module) -> torch.Te
     """An nn.LayerNorm with TransformerLens's norm hook points."""
     return hooked_norm(x, ln, points, eps=ln.eps, gain=layer_norm_gain(ln), center=True)
 
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight, in float32 at least, with its backward by hand.
+
+    torch's rms_norm has no fused CPU kernel: autograd through its composite ops
+    takes ~1.4x as long as this forward and backward (LayerNorm's is fused).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        normalized = xf * r
+        ctx.save_for_backward(normalized, r, weight)
+        return (normalized * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        normalized, r, weight = ctx.saved_tensors
+        g = grad.to(normalized.dtype)
+        gn = g * weight
+        dx = (gn - normalized * (gn * normalized).mean(-1, keepdim=True)).mul_(r)
+        dw = (g * normalized).flatten(0, -2).sum(0)
+        return dx.to(grad.dtype), dw.to(weight.dtype), None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (same parameter, same maths) with a faster forward and backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        return _RMSNormFunction.apply(x, self.weight, eps)
