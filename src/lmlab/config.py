@@ -100,6 +100,7 @@ class TrainConfig:
     time_budget_s: float | None = added(None)  # stop by training wall time; drives the schedule
     optimizer: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
     muon_lr: float | None = added(None)  # lr of Muon's matrices (null: train.lr)
+    embed_lr: float | None = added(None)  # lr of the embedding tables (null: train.lr)
     # Muon's Newton-Schulz in bf16 (torch's), fp32, or auto: bf16 only where it is fast
     muon_ns_dtype: Literal["bfloat16", "float32", "auto"] = added("bfloat16")
     weight_decay: float = 0.1
@@ -322,8 +323,9 @@ def _check_values(cfg: Config) -> None:
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
     _check_finetune(cfg)
-    for key, value in {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
-                       "train.time_budget_s": t.time_budget_s}.items():
+    positive = {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
+                "train.embed_lr": t.embed_lr, "train.time_budget_s": t.time_budget_s}
+    for key, value in positive.items():
         if value is not None and value <= 0:
             raise LmlabError(f"Config value {key} = {value} must be positive (or null).")
     if not 0.0 <= t.decay_fraction <= 1.0:

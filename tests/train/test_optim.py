@@ -19,7 +19,7 @@ def adapter() -> CustomTransformerAdapter:
 
 def test_no_weight_decay_on_norms_biases_embeddings():
     a = adapter()
-    decay, no_decay = param_groups(a, 0.1)
+    decay, no_decay = param_groups(a, TrainConfig(weight_decay=0.1))
     names = {id(p): n for n, p in a.network.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     assert decayed == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
@@ -28,6 +28,27 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert "wte.weight" in {names[id(p)] for p in no_decay["params"]}
     total = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert total == a.num_params()  # the tied head is counted once
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_embed_lr_gives_the_embedding_tables_their_own_lr(optimizer):
+    torch.manual_seed(0)
+    a = CustomTransformerAdapter(TransformerConfig(block_size=16, n_layer=1, n_head=2, d_model=16,
+                                                   d_ff=32, tie_embeddings=False,
+                                                   value_embed=True))
+    t = TrainConfig(optimizer=optimizer, lr=1e-3, muon_lr=1e-2, embed_lr=3e-2)
+    opt = build_optimizer(a, t, torch.device("cpu"))
+    set_lr(opt, 0.5e-3)  # the schedule halves the lr: every group keeps its ratio
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    net = a.network
+    tables = [net.wte.weight, net.value_embeds[0].weight]
+    assert [lr[id(p)] for p in tables] == pytest.approx([1.5e-2, 1.5e-2])
+    assert lr[id(net.lm_head.weight)] == pytest.approx(0.5e-3)  # the head is not a table
+    qkv = lr[id(net.blocks[0].attn.qkv.weight)]
+    assert qkv == pytest.approx(0.5e-2 if optimizer == "muon" else 0.5e-3)
+    assert len(lr) == sum(1 for _ in net.parameters())  # every parameter once
+    default = build_optimizer(a, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    assert len(default.param_groups) == len(opt.param_groups) - 1  # no extra group unless asked
 
 
 def test_warmup_then_cosine_to_min_lr():

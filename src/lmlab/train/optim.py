@@ -110,20 +110,33 @@ class Combined(torch.optim.Optimizer):
             g["lr_ratio"] = r
 
 
-def param_groups(adapter: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay, seen = [], [], set()
+def param_groups(adapter: nn.Module, t: TrainConfig) -> list[dict]:
+    """Decayed matrices, then the rest; with `train.embed_lr`, the embedding tables apart.
+
+    Embedding rows are updated only for the tokens a batch holds, so they can
+    take a far higher lr than the matrices (modded-nanogpt's embeddings run at
+    ~100x its head's); the group's `lr_ratio` keeps that ratio through the schedule.
+    """
+    tables = {id(m.weight) for m in adapter.network.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, embed, seen = [], [], [], set()
     for name, p in adapter.network.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        (decay if adapter.decay_mask(name, p) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if t.embed_lr is not None and id(p) in tables:
+            embed.append(p)
+        else:
+            (decay if adapter.decay_mask(name, p) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if embed:
+        groups.append({"params": embed, "weight_decay": 0.0, "lr_ratio": t.embed_lr / t.lr})
+    return groups
 
 
 def build_optimizer(adapter: nn.Module, t: TrainConfig, device: torch.device
                     ) -> torch.optim.Optimizer:
-    groups = param_groups(adapter, t.weight_decay)
+    groups = param_groups(adapter, t)
     betas = (t.beta1, t.beta2)
     if t.optimizer == "adamw":
         # the fused kernel exists on CPU and CUDA and is the fastest path on both
@@ -138,7 +151,7 @@ def build_optimizer(adapter: nn.Module, t: TrainConfig, device: torch.device
         matrices = [p for p in groups[0]["params"] if p.dim() == 2 and id(p) not in head]
         rest = [p for p in groups[0]["params"] if p.dim() != 2 or id(p) in head]
         adam = torch.optim.AdamW([{"params": rest, "weight_decay": t.weight_decay},
-                                  groups[1]], lr=t.lr, betas=betas)
+                                  *groups[1:]], lr=t.lr, betas=betas)
         muon_lr = t.muon_lr or t.lr
         fp32 = t.muon_ns_dtype == "float32" or (t.muon_ns_dtype == "auto"
                                                  and not fast_bf16(device))
