@@ -107,8 +107,11 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
 
 
 def _driver(path: Path, cwd: Path) -> subprocess.Popen:
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`)
+    # would otherwise hand the driver an ignored SIGINT, as a shell does to background jobs
     return subprocess.Popen([sys.executable, "-m", "lmlab.cli", "sweep", "run", str(path),
                              "--jobs", "1", "--out", "sweeps"], cwd=cwd,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(sweep_run.__file__)
                                                                  .resolve().parents[2])})

@@ -65,7 +65,6 @@ def layer_norm(x: torch.Tensor, ln: nn.LayerNorm, points: nn.Module) -> torch.Te
     return hooked_norm(x, ln, points, eps=ln.eps, gain=layer_norm_gain(ln), center=True)
 
 
-
 class _RMSNormFunction(torch.autograd.Function):
     """x * rsqrt(mean(x^2) + eps) * weight, in float32 at least, with its backward by hand.
 
