@@ -19,6 +19,7 @@ from lmlab.hooks.cli import add_commands as add_hooks_commands
 from lmlab.model.cli import add_commands as add_model_commands
 from lmlab.runs.compare import add_compare
 from lmlab.runs.plot import add_plot
+from lmlab.runs.verify import add_rebuild_tb
 from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 
@@ -209,14 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
                       description="One run's manifest summary, the hooks in force and the "
                       "code version it ran.")
     r.add_argument("run", help="run folder or run id")
-    r = rs.add_parser("verify", help="check every checkpoint's content hash and finiteness",
-                      description="Load every checkpoint of a run, check its recorded sha256 "
-                      "and that no tensor is NaN or inf, and read its records; exit status 2 "
-                      "if anything is damaged.")
+    r = rs.add_parser("verify", help="check a run's manifest, metrics, checkpoints, events",
+                      description="Check the manifest's and every metrics line's checksum, "
+                      "load every checkpoint (its sha256, finiteness, step and run id), and "
+                      "compare the TensorBoard events with metrics.jsonl; exit status 2 if "
+                      "anything is damaged, naming each file and line.")
     r.add_argument("run", help="run folder or run id")
     s.set_defaults(func=cmd_runs)
     add_compare(rs)
     add_plot(rs)
+    add_rebuild_tb(rs)
     add_hooks_commands(sub)
     add_model_commands(sub)
     add_sweep_commands(sub)

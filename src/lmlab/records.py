@@ -5,19 +5,28 @@ without hooks), the data hash, every hook in force with plugin source hashes,
 the code version, library versions, seed, device and dtype. Two runs are
 comparable when their base and data hashes match.
 
+Both carry their own checksum, as TensorBoard's TFRecord puts a CRC on every
+record: each metrics line ends with a `crc32` of the rest of the line, and the
+manifest holds `manifest_sha256`, a hash of everything else in it. So one
+flipped digit is caught, not silently believed. Files written before these
+existed (no field) are read as they are.
+
 Readers take what is there, whatever wrote it: a metrics line of the wrong
-shape or a manifest that is not JSON is skipped with a warning naming the run
-and line, never a crash of `runs list` for every other run.
+shape or with a checksum that does not match, or a manifest that is not JSON,
+is skipped with a warning naming the run and line, never a crash of `runs
+list` for every other run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import platform
 import socket
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,15 +78,29 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-write_json = atomic_write_json
-
-
 def warn(message: str) -> None:
     print(f"lmlab: warning: {message}", file=sys.stderr, flush=True)
 
 
+MANIFEST_HASH = "manifest_sha256"
+
+
+def manifest_hash(m: dict[str, Any]) -> str:
+    """sha256 of the manifest without its own hash field, as it reads back from JSON."""
+    body = {k: v for k, v in m.items() if k != MANIFEST_HASH}
+    blob = json.dumps(json.loads(json.dumps(body, default=str)), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def write_manifest(path: Path, m: dict[str, Any]) -> None:
+    """Write a manifest atomically, with the hash of its content in it."""
+    m[MANIFEST_HASH] = manifest_hash(m)
+    atomic_write_json(path, m)
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run's manifest; LmlabError naming the file when it is not a JSON object."""
+    """The run's manifest; LmlabError naming the file when it is not a JSON object or its
+    content does not match its recorded hash."""
     path = run_dir / "manifest.json"
     try:
         m = json.loads(path.read_text())
@@ -86,6 +109,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
             from None
     if not isinstance(m, dict):
         raise LmlabError(f"{path} holds {type(m).__name__}, not a manifest (a JSON object).")
+    if MANIFEST_HASH in m and m[MANIFEST_HASH] != manifest_hash(m):
+        raise LmlabError(f"{path} is damaged: its content no longer matches its recorded "
+                         f"{MANIFEST_HASH} (changed after it was written); the run's record "
+                         "cannot be trusted.")
     return m
 
 
@@ -113,7 +140,7 @@ class MetricsLog:
         if not self.enabled:
             return
         with naming(self.path), open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(metrics_line(record))
         if self.mirror is not None:
             self.mirror(record)
 
@@ -166,21 +193,57 @@ def _problem(r: Any) -> str | None:
     return None
 
 
-def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
-    """The usable records of `metrics.jsonl`; others are skipped, each with a warning."""
+CRC = "crc32"
+_CRC_TAIL = f', "{CRC}": "'
+
+
+def _crc(body: str) -> str:
+    return f"{zlib.crc32(body.encode()):08x}"
+
+
+def metrics_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line: the record's JSON with a CRC32 of that JSON as its last field.
+
+    A record read back keeps its `crc32` as its last key, so `json.dumps` of it
+    gives the very same line (a resume rewrites the log that way).
+    """
+    body = json.dumps({k: v for k, v in record.items() if k != CRC})
+    return f"{body[:-1]}{_CRC_TAIL}{_crc(body)}\"}}\n"
+
+
+def _crc_problem(line: str, r: dict[str, Any]) -> str | None:
+    """Whether a line with a crc32 field still matches it."""
+    at = line.rfind(_CRC_TAIL)
+    if at < 0 or _crc(line[:at] + "}") != r[CRC]:
+        return "its crc32 does not match: the line changed after it was written"
+    return None
+
+
+def metrics_problems(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
+    """The usable records of `metrics.jsonl`, and (line number, why, text) of every other."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return []
-    out = []
+        return [], []
+    out, bad = [], []
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
             r = json.loads(line)
             problem = _problem(r)
+            if problem is None and CRC in r:
+                problem = _crc_problem(line, r)
         except json.JSONDecodeError:  # e.g. a line cut short by a crash
             problem = "not JSON"
         if problem is None:
             out.append(r)
-            continue
-        if not quiet:
-            warn(f"skipped line {n} of {path} ({problem}): {line[:80]}")
-    return out
+        else:
+            bad.append((n, problem, line[:80]))
+    return out, bad
+
+
+def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
+    """The usable records of `metrics.jsonl`; others are skipped, each with a warning."""
+    records, bad = metrics_problems(run_dir)
+    if not quiet:
+        for n, why, text in bad:
+            warn(f"skipped line {n} of {run_dir / 'metrics.jsonl'} ({why}): {text}")
+    return records

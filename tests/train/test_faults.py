@@ -373,7 +373,8 @@ def test_malformed_records_are_skipped_and_named(data_dir, tmp_path, capsys):
     assert rc == 2 and "manifest.json is not readable JSON" in one_error(err)
     rc, report, err = cli(capsys, "runs", "--root", str(out), "verify", c.name)
     assert rc == 2 and "DAMAGED  manifest.json" in report and "ok       ckpt_" in report
-    assert "checkpoints of run" in one_error(err) and "are good, but" in err
+    assert f"Run {c.name} is damaged: manifest.json: " in one_error(err)
+    assert "not readable JSON" in err and "checkpoints (" not in err  # the checkpoints are good
 
     # `runs compare A B | head -1`: the reader has gone before the report is written
     p = subprocess.Popen([sys.executable, "main.py", "runs", "--root", str(out), "compare",

@@ -4,12 +4,15 @@ The loop catches what escapes a training step and hands it here: an OS
 failure (disk full, permission denied, read-only folder) names the file and
 the cause; a hook's failure names the hook, its point, the step and the
 plugin's own line; each says which checkpoint is the last good one, after
-checking that it loads, matches its hash and is finite.
+checking that it loads, matches its hash and is finite, and that the eval
+recorded at its step, if any, was finite (weights can be finite and useless:
+after repeated skipped updates a checkpoint may evaluate to NaN).
 """
 
 from __future__ import annotations
 
 import errno as errno_codes
+import math
 import traceback
 from pathlib import Path
 
@@ -18,9 +21,25 @@ import torch
 from lmlab.errors import LmlabError
 from lmlab.fileio import os_cause
 from lmlab.hooks.manager import ExperimentHooks, HookFailed
-from lmlab.model.checkpoint import last_good_checkpoint
+from lmlab.model.checkpoint import list_checkpoints, load_checkpoint
+from lmlab.records import read_metrics
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
+
+
+def last_good_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint that loads, matches its hash, is finite, and whose recorded
+    eval (in the run's metrics.jsonl, if one was made at its step) was finite."""
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(checkpoints.parent, quiet=True)
+             if r["kind"] == "eval"}
+    for p in reversed(list_checkpoints(checkpoints) if checkpoints.is_dir() else []):
+        try:
+            step = load_checkpoint(p).get("step")
+        except LmlabError:
+            continue
+        if math.isfinite(evals.get(step, 0.0)):
+            return p
+    return None
 
 
 def last_good(checkpoints: Path) -> str:

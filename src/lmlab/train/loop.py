@@ -211,7 +211,7 @@ class Trainer:
         })
         m.setdefault("created_at", m["updated_at"])
         m.update({**self.manifest_extra, **(extra or {})})
-        mf.write_json(path, m)
+        mf.write_manifest(path, m)
 
     def save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
@@ -407,8 +407,10 @@ class Trainer:
         """Stop, or (train.on_nonfinite=skip) drop this update and count it; the step's loss."""
         t = self.cfg.train
         self.optimizer.zero_grad(set_to_none=True)
-        advice = ("Lower train.lr, enable train.grad_clip, check the hooks in force, or set "
-                  "train.on_nonfinite=skip to skip such updates.")
+        advice = ("Lower train.lr, " + ("" if t.grad_clip else "enable train.grad_clip, ") +
+                  "check the hooks in force" + (", or set train.on_nonfinite=skip to skip "
+                                                "such updates." if t.on_nonfinite == "stop"
+                                                else "."))
         if t.on_nonfinite == "stop":
             raise NonFiniteLoss(
                 f"The {what} became {value} at step {self.step + 1}; stopping before the update "
