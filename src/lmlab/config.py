@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -416,7 +417,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise LmlabError(f"--set expects key=value (like train.lr=3e-4), got '{text}'.")
     key, _, raw = text.partition("=")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = load_yaml(raw) if raw.strip() else ""
     if isinstance(value, str):  # YAML reads 3e-4 as a string; numbers are friendlier
         try:
             value = float(value) if any(c in value for c in ".eE") else int(value)
@@ -455,9 +456,40 @@ def resolve_config_path(name_or_path: str | None) -> Path:
     )
 
 
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last,
+    silently) and reads `1e-4` as the number it is (YAML 1.2's float, not 1.1's string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                    "YAML would silently keep only the last: remove or rename one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML the one way lmlab does (StrictLoader); yaml.YAMLError on bad input."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"Config file {path} is not UTF-8 text (byte {e.start}); save it as "
+                         "UTF-8.") from None
     except yaml.YAMLError as e:
         raise LmlabError(f"Config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -189,6 +189,33 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def folds_case(folder: Path) -> bool:
+    """Whether the file system at `folder` treats `a` and `A` as one name (macOS, Windows)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".lmlab-case-", dir=folder) as f:
+            return Path(f.name).with_name(Path(f.name).name.upper()).exists()
+    except OSError:
+        return False
+
+
+def check_names(variants: dict[Any, Any], fold: bool) -> None:
+    """Refuse two variants whose names become one run name once sanitised (and case-folded
+    where the file system folds case): one run would stand for both, compared with itself."""
+    seen: dict[str, Any] = {}
+    for vname in variants:
+        if not isinstance(vname, str | int) or isinstance(vname, bool):
+            raise LmlabError(f"Variant name {vname!r} must be a word (a string).")
+        safe = _safe(str(vname))
+        k = safe.casefold() if fold else safe
+        if k in seen:
+            raise LmlabError(f"Variants {seen[k]!r} and {vname!r} both become the run name "
+                             f"'{safe}'" + (" (this file system ignores case)" if fold else "")
+                             + ": their runs would share one folder. Rename one of them.")
+        seen[k] = vname
+
+
 def load_sweep(path: str | Path, yes: bool = False) -> Sweep:
     """Read, validate and expand a sweep file; every run's config is validated here."""
     path = Path(path)
@@ -217,17 +244,21 @@ def expand(raw: dict[str, Any], here: Path = Path("."), yes: bool = False) -> Sw
     for key in common:
         check_key(key, "set")
     variants = _mapping(raw.get("variants"), "variants", empty_ok=False)
+    check_names(variants, folds_case(Path.cwd()))
     for vname, over in variants.items():
         over = _mapping(over, f"variants.{vname}")
         for key in over:
             check_key(key, f"variants.{vname}")
     baseline = raw.get("baseline", next(iter(variants)))
+    if not isinstance(baseline, str | int) or isinstance(baseline, bool):
+        raise LmlabError(f"baseline = {baseline!r} must be the name of one variant: "
+                         f"{', '.join(map(str, variants))}.")
     if baseline not in variants:
         raise LmlabError(f"baseline '{baseline}' is not a variant. Variants: "
                          f"{', '.join(map(str, variants))}." + did_you_mean(str(baseline),
                                                                             list(variants)))
     seeds = _seeds(raw.get("seeds", 1))
-    points = _points(raw)
+    points = raw["points"] if "points" in raw else _points(raw)  # a resolved file: as drawn
     n = len(variants) * len(points) * len(seeds)
     if n > MAX_RUNS and not yes:
         raise LmlabError(f"This sweep expands to {n} runs ({len(variants)} variants x "
