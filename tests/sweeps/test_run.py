@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lmlab.errors import LmlabError
-from lmlab.records import read_manifest, read_metrics
+from lmlab.records import read_manifest, read_metrics, write_manifest
 from lmlab.runs.compare import compare
 from lmlab.sweeps import run as sweep_run
 from lmlab.sweeps import store
@@ -66,8 +66,12 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
     crash = {"hooks": {"plugins": [str(plugin)], "update": [{"name": "crash_at"}]}}
     path = sweep_file(variants={"backprop": {}, "fa": FA, "crash": crash})
     lines = []
-    d = sweep_run.start(path, tmp_path / "sweeps", jobs=2, threads=1, retries=0,
+    with pytest.raises(sweep_run.SweepIncomplete, match=r"incomplete: 4/6 done, 0 running, "
+                       r"2 failed.*Not finished: crash-s1 \(failed: exit 2\), crash-s2 "
+                       r"\(failed: exit 2\) \(logs in .*Resume with: lmlab sweep resume "):
+        sweep_run.start(path, tmp_path / "sweeps", jobs=2, threads=1, retries=0,
                         out=lines.append)
+    d = next((tmp_path / "sweeps").iterdir())
     index = store.load(d)
     assert [r["status"] for r in index["runs"]].count("finished") == 4
     assert {r["key"] for r in index["runs"] if r["status"] == "failed"} == {"crash-s1",
@@ -95,10 +99,11 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
     assert compare(seeds).startswith("Replicates: ")
     assert "4/6 done, 0 running, 2 failed" in store.status_report(d)
     again = []
-    sweep_run.resume(d, retries=0, out=again.append)  # the failed runs are retried
+    with pytest.raises(sweep_run.SweepIncomplete):
+        sweep_run.resume(d, retries=0, out=again.append)  # the failed runs are retried
     manifest = Path(index["runs"][1]["run_dir"]) / "manifest.json"  # as if run elsewhere
     m = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**m, "dtype": "bfloat16"}))
+    write_manifest(manifest, {**m, "dtype": "bfloat16"})
     with pytest.raises(LmlabError, match="Refusing to compare a mixed set-up.*dtype differs"):
         report(d)
     assert sum("crash-s" in line and "started" in line for line in again) == 2

@@ -4,17 +4,21 @@ Used by `lmlab runs compare --group-by variant` and by `lmlab sweep report`.
 A block is the set of groups that may be compared (a sweep's grid point): in it,
 the groups must share the set-up (resolved device and dtype, data, world size,
 token budget), and the runs of one group must share their base config, else
-the block is refused with the reason. Runs that did not finish are left out
-with a warning naming them.
+the block is refused with the reason; so is a group that holds one seed twice
+(one seed trained twice is one replicate, not two). Runs that did not finish
+are left out with a warning naming them. A run that finished with a non-finite
+loss diverged: its group is reported as "k/n diverged", never averaged or
+tested, so no mean, interval or p-value is computed over NaN.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from lmlab.errors import LmlabError
-from lmlab.records import read_manifest, read_metrics
+from lmlab.records import metrics_problems, read_manifest
 from lmlab.runs.stats import difference, summarize
 
 METRICS = ("final_val", "best_val")
@@ -36,7 +40,8 @@ def token_budget(m: dict[str, Any]) -> int | None:
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A run's set-up, its final and best val loss and its val curve against step and tokens."""
     m = read_manifest(run_dir)
-    evals = [r for r in read_metrics(run_dir) if r.get("kind") == "eval"]
+    records, damaged = metrics_problems(run_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
     c = m.get("config", {})
     t = c.get("train", {})
     per_step = (t.get("batch_size", 0) * t.get("grad_accum", 1) *
@@ -47,7 +52,7 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "status": m.get("status"), "base_hash": m.get("base_hash"),
             "device": m.get("device"), "dtype": m.get("dtype"),
             "data_hash": m.get("data_hash"), "world_size": m.get("world_size", 1),
-            "token_budget": token_budget(m), "seed": m.get("seed"),
+            "token_budget": token_budget(m), "seed": m.get("seed"), "damaged": damaged,
             "final_val": evals[-1]["val_loss"] if evals else None,
             "best_val": min((r["val_loss"] for r in evals), default=None),
             "curve": [(r["step"], r["step"] * per_step, r["val_loss"]) for r in evals]}
@@ -92,20 +97,67 @@ def aggregate(blocks: dict[str, dict[str, list[dict[str, Any]]]], baseline: str,
                 warnings.append(f"left out {r['label']}, variant {name}"
                                 f"{', ' + where if where else ''}: status {r['status']}")
             kept[name] = [r for r in rs if r not in bad]
+            for r in rs:
+                if r.get("damaged"):
+                    lines = ", ".join(str(n) for n, *_ in r["damaged"][:5])
+                    warnings.append(f"{r['label']} has {len(r['damaged'])} damaged record(s) "
+                                    f"in metrics.jsonl (line {lines}), skipped; check it with "
+                                    f"`lmlab runs verify {r['dir']}`")
+        repeated = repeated_seeds(kept, where)
+        if repeated:
+            raise LmlabError("Refusing to count one seed twice as two replicates: "
+                             + "; ".join(repeated) + ". Keep one run per seed.")
         problems = setup_problems({n: rs for n, rs in kept.items() if rs}, where)
         if problems:
             raise LmlabError("Refusing to compare a mixed set-up: variants must differ only in "
                              "what the sweep says. " + "; ".join(problems) + ".")
-        rows = {}
-        base_values = [r[metric] for r in kept.get(baseline, [])]
-        for name, rs in kept.items():
-            values = [r[metric] for r in rs]
-            row = {"runs": [r["run_id"] for r in rs], "values": values, **summarize(values)}
-            if name != baseline and baseline in kept:
-                row["vs_baseline"] = difference(values, base_values)
-            rows[name] = row
-        out_blocks[where] = rows
+        out_blocks[where] = _rows(kept, baseline, metric)
     return {"metric": metric, "baseline": baseline, "warnings": warnings, "blocks": out_blocks}
+
+
+def repeated_seeds(groups: dict[str, list[dict[str, Any]]], where: str = "") -> list[str]:
+    """Groups that hold two runs of one seed (e.g. one sweep key trained twice)."""
+    out = []
+    for name, rs in groups.items():
+        by_seed: dict[Any, list[str]] = {}
+        for r in rs:
+            by_seed.setdefault(r["seed"], []).append(r["label"])
+        out += [f"{name}{' at ' + where if where else ''} has seed {seed} {len(labels)} times "
+                f"({', '.join(labels)})" for seed, labels in by_seed.items() if seed is not None
+                and len(labels) > 1]
+    return out
+
+
+def diverged(r: dict[str, Any], metric: str) -> bool:
+    return not math.isfinite(r[metric])
+
+
+def _rows(kept: dict[str, list[dict[str, Any]]], baseline: str,
+          metric: str) -> dict[str, dict[str, Any]]:
+    """Per group: its summary and its test against the baseline; diverged groups listed."""
+    rows = {}
+    base = kept.get(baseline, [])
+    base_diverged = any(diverged(r, metric) for r in base)
+    for name, rs in kept.items():
+        gone = [r["run_id"] for r in rs if diverged(r, metric)]
+        values = [r[metric] if not diverged(r, metric) else None for r in rs]
+        row: dict[str, Any] = {"runs": [r["run_id"] for r in rs], "values": values,
+                               "status": "diverged" if gone else "ok", "diverged": gone}
+        if gone:
+            row |= {"n": len(rs), "mean": None, "sd": None, "ci": None,
+                    "note": f"{len(gone)}/{len(rs)} diverged"}
+        else:
+            row |= summarize(values)
+        if name != baseline and baseline in kept:
+            if gone or base_diverged:
+                who = name if gone else f"the baseline {baseline}"
+                row["vs_baseline"] = {"diff": None, "n": [len(rs), len(base)], "p": None,
+                                      "ci": None, "bootstrap_ci": None,
+                                      "verdict": f"no test: {who} has diverged runs"}
+            else:
+                row["vs_baseline"] = difference(values, [r[metric] for r in base])
+        rows[name] = row
+    return rows
 
 
 def format_aggregate(result: dict[str, Any]) -> str:
@@ -122,6 +174,10 @@ def format_aggregate(result: dict[str, Any]) -> str:
             sd = "-" if r["sd"] is None else f"{r['sd']:.4f}"
             ci = r["note"] or f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]"
             lines.append(f"{name.ljust(width)}  {r['n']}  {mean:>10}  {sd:>7}  {ci}")
+        for name, r in rows.items():
+            if r.get("diverged"):
+                lines.append(f"{name}: {r['note']} ({', '.join(r['diverged'])}): a non-finite "
+                             f"{metric}; no mean, interval or test over a diverged run")
         for name, r in rows.items():
             if "vs_baseline" in r:
                 d = r["vs_baseline"]
@@ -159,7 +215,8 @@ def plot_bands(blocks: dict[str, dict[str, list[dict[str, Any]]]], out: str | Pa
     axes = fig.subplots(len(blocks), 2, squeeze=False)
     for row, (where, groups) in zip(axes, blocks.items(), strict=True):
         for i, (name, rs) in enumerate(groups.items()):
-            rs = [r for r in rs if r["status"] == "finished" and r["curve"]]
+            rs = [r for r in rs if r["status"] == "finished" and r["curve"]
+                  and all(math.isfinite(p[2]) for p in r["curve"])]
             if not rs:
                 continue
             for ax, axis in ((row[0], 0), (row[1], 1)):

@@ -1,4 +1,9 @@
-"""`lmlab sweep run | resume | status | report`."""
+"""`lmlab sweep run | resume | status | report | repair`.
+
+Exit status of run and resume: 0 every run finished, 1 the sweep is incomplete
+(the last line names the runs, why, and the resume command), 2 bad input or
+another driver holds the sweep, 130 stopped by Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +22,24 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     try:
         if args.sweep_command == "run":
             sweep_run.start(args.file, args.out, args.jobs, args.threads_per_job, args.backend,
-                            args.address, args.retries, args.yes, say)
+                            args.address, args.retries, args.yes, say, args.max_attempts)
         elif args.sweep_command == "resume":
             sweep_run.resume(args.dir, args.jobs, args.threads_per_job, args.backend,
-                             args.address, args.retries, say)
+                             args.address, args.retries, say, args.max_attempts)
     except sweep_run.SweepInterrupted as e:
-        print(f"lmlab: {e}")
+        print(f"lmlab: {e}", flush=True)
         raise SystemExit(130) from None
+    except sweep_run.SweepIncomplete as e:  # the run went as asked, but not every run finished
+        print(f"lmlab: {e}", flush=True)
+        raise SystemExit(1) from None
     if args.sweep_command == "status":
         print(status_report(args.dir))
     elif args.sweep_command == "report":
-        print(report(args.dir, args.metric, args.plot, args.json))
+        print(report(args.dir, args.metric, args.plot, args.json, args.allow_missing))
+    elif args.sweep_command == "repair":
+        from lmlab.sweeps.repair import repair
+
+        print(repair(args.dir))
 
 
 DIR_HELP = "a sweep folder, sweeps/<sweep_id> (printed by `lmlab sweep run`)"
@@ -47,7 +59,10 @@ def _execution(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--address", metavar="HOST:PORT",
                    help="the Ray head to join (default with --backend ray: a local Ray)")
     p.add_argument("--retries", type=int, default=1,
-                   help="times a failed run is retried (default 1)")
+                   help="times a failed run is retried by this driver (default 1)")
+    p.add_argument("--max-attempts", type=int,
+                   help="attempts a run gets over every driver, before it stays failed "
+                        "(default 3, recorded in the index)")
 
 
 def add_commands(sub: Any) -> None:
@@ -86,5 +101,14 @@ def add_commands(sub: Any) -> None:
                    help="final or best validation loss of each run (default final_val)")
     r.add_argument("--plot", metavar="FILE.png",
                    help="mean val loss per variant with its 95%% band, vs step and tokens")
-    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.add_argument("--json", action="store_true",
+                   help="print the report as strict JSON (null for a value there is not)")
+    r.add_argument("--allow-missing", action="store_true",
+                   help="report even when finished runs' folders are gone (n per variant "
+                        "shows what is left)")
+    r = ss.add_parser("repair", help="rebuild a damaged index.json from the run folders",
+                      description="Rebuild the sweep's index from its sweep.yaml and the "
+                      "manifests of the run folders it made; the damaged index is kept "
+                      "beside it. Runs without a usable folder become pending.")
+    r.add_argument("dir", metavar="SWEEP_DIR", help=DIR_HELP)
     s.set_defaults(func=cmd_sweep)

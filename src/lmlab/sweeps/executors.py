@@ -82,11 +82,9 @@ class LocalExecutor:
 
     def claimed(self, key: str) -> dict[str, Any] | None:
         """The run id and folder a running child has claimed (None until it has)."""
-        claim = self.sweep_dir / "claims" / f"{key}.json"
-        try:
-            return json.loads(claim.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        from lmlab.sweeps.store import read_claim
+
+        return read_claim(self.sweep_dir, key)
 
     def poll(self, timeout: float) -> list[Outcome]:
         deadline = time.monotonic() + timeout

@@ -3,7 +3,10 @@ variant against the baseline with Welch's t-test and a bootstrap interval; bands
 
 The statistics and the mixed-set-up refusal are the ones `runs compare
 --group-by variant` uses (lmlab.runs.aggregate); here the groups come from the
-sweep's index and each grid point is a block of its own.
+sweep's index and each grid point is a block of its own. A finished run whose
+folder is gone is missing: the report refuses (or, with allow_missing, says so
+and reports the n that is left). A run whose manifest is unreadable is named
+and left out; the rest is reported. Diverged runs are listed, never averaged.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lmlab.errors import LmlabError
 from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands
 from lmlab.sweeps import store
 
 
 def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str]]:
-    """Grid point -> variant -> loaded runs; runs that never got a folder are noted."""
-    missing, blocks = [], {}
+    """Grid point -> variant -> loaded runs; runs without a readable folder are noted."""
+    notes, blocks = [], {}
     for pid, point in enumerate(index["points"]):
         where = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in point.items())
@@ -27,29 +31,43 @@ def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str
             if r["point_id"] != pid:
                 continue
             run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
-            if run_dir is None or not (run_dir / "manifest.json").is_file():
-                missing.append(f"left out {r['key']}: status {r['status']}, no run folder")
+            if store.is_missing(r):
+                notes.append(f"left out {r['key']}: MISSING, it finished but its folder "
+                             f"{r['run_dir']} is gone (`lmlab sweep resume` runs it again)")
                 continue
-            run = load_run(run_dir)
+            if run_dir is None or not (run_dir / "manifest.json").is_file():
+                notes.append(f"left out {r['key']}: status {r['status']}, no run folder")
+                continue
+            try:
+                run = load_run(run_dir)
+            except LmlabError as e:
+                notes.append(f"left out {r['key']}: {e}")
+                continue
             if r["status"] != store.FINISHED:
                 run["status"] = r["status"]
-            groups[r["variant"]].append(run)
+            groups.setdefault(r["variant"], []).append(run)
         blocks[where] = groups
-    return blocks, missing
+    return blocks, notes
 
 
 def report(sweep_dir: str | Path, metric: str = "final_val", plot: str | Path | None = None,
-           as_json: bool = False) -> str:
+           as_json: bool = False, allow_missing: bool = False) -> str:
     index = store.load(sweep_dir)
-    blocks, missing = _blocks(index)
+    missing = [r["key"] for r in index["runs"] if store.is_missing(r)]
+    if missing and not allow_missing:
+        raise LmlabError(f"{len(missing)} finished run(s) of sweep {index['sweep_id']} are "
+                         f"missing, their folders gone: {', '.join(missing)}. Run them again "
+                         f"with `lmlab sweep resume {sweep_dir}`, or report what is left with "
+                         "--allow-missing.")
+    blocks, notes = _blocks(index)
     result = aggregate(blocks, index["baseline"], metric)
-    result["warnings"] = missing + result["warnings"]
+    result["warnings"] = notes + result["warnings"]
     result |= {"sweep_id": index["sweep_id"], "status": store.counts(index)}
     if plot is not None:
         result["plot"] = str(plot_bands(blocks, plot, f"sweep {index['sweep_id']}: val loss, "
                                                       "mean and 95% interval over seeds"))
     if as_json:
-        return json.dumps(result, indent=2)
+        return json.dumps(result, indent=2, allow_nan=False)
     c = store.counts(index)
     head = (f"Sweep {index['sweep_id']}: {c['finished']}/{len(index['runs'])} runs finished; "
             f"metric {metric} (val loss, nats/token; lower is better); baseline "

@@ -1,16 +1,20 @@
 """Running a sweep: start it, resume it, retry what failed, stop it cleanly.
 
 The driver owns the index; runs own their folders. Every run's config was
-validated and the set-ups checked before the first run starts. A resume keeps
-finished runs, continues interrupted ones from their newest checkpoint and
-retries failed ones; it first waits for any run a killed driver left behind to
-save and stop (each run holds a lock while it lives).
+validated and the set-ups checked before the first run starts. One driver runs
+a sweep at a time (store.driver_lock). A resume keeps finished runs, continues
+interrupted ones from their newest checkpoint, runs missing ones again and
+retries failed ones (a run whose process died, SIGKILL or out of memory, is
+failed) up to the sweep's recorded `max_attempts`; it first waits for any run a
+killed driver left behind to save and stop (each run holds a lock while it lives).
+
+A sweep that ends with any run not finished raises SweepIncomplete: its one
+line names the runs, why, and the resume command, and the CLI exits 1.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -21,7 +25,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import list_checkpoints
-from lmlab.records import read_manifest
+from lmlab.records import effective_status, read_manifest
 from lmlab.sweeps import store
 from lmlab.sweeps.executors import LocalExecutor, RayExecutor, check_reachable
 from lmlab.sweeps.spec import check_setups, load_sweep
@@ -34,11 +38,16 @@ class SweepInterrupted(LmlabError):
     pass
 
 
+class SweepIncomplete(LmlabError):
+    """The driver ended with runs failed, died, interrupted, missing or pending."""
+
+
 def start(file: str | Path, root: str | Path = "sweeps", jobs: int = DEFAULT_JOBS,
           threads: int = DEFAULT_THREADS, backend: str = "local", address: str | None = None,
-          retries: int = 1, yes: bool = False, out: Callable[[str], None] = print) -> Path:
+          retries: int = 1, yes: bool = False, out: Callable[[str], None] = print,
+          max_attempts: int | None = None) -> Path:
     """Validate and expand the sweep file, write its folder, run every run; returns the folder."""
-    _check_counts(jobs, threads, retries)
+    _check_counts(jobs, threads, retries, max_attempts)
     sweep = load_sweep(file, yes)
     check_setups(sweep)
     if backend == "ray" and address:
@@ -46,13 +55,13 @@ def start(file: str | Path, root: str | Path = "sweeps", jobs: int = DEFAULT_JOB
     d = store.create(sweep, root, file)
     out(f"Sweep {d.name}: {len(sweep.runs)} runs ({len(sweep.variants)} variants x "
         f"{len(sweep.points)} points x {len(sweep.seeds)} seeds) in {d}")
-    execute(d, jobs, threads, backend, address, retries, out)
+    execute(d, jobs, threads, backend, address, retries, out, max_attempts)
     return d
 
 
 def resume(sweep_dir: str | Path, jobs: int | None = None, threads: int | None = None,
            backend: str | None = None, address: str | None = None, retries: int = 1,
-           out: Callable[[str], None] = print) -> Path:
+           out: Callable[[str], None] = print, max_attempts: int | None = None) -> Path:
     """Continue a sweep: the settings it last ran with unless others are given."""
     d = Path(sweep_dir)
     index = store.load(d)
@@ -60,14 +69,14 @@ def resume(sweep_dir: str | Path, jobs: int | None = None, threads: int | None =
     threads = threads or index.get("threads_per_job", DEFAULT_THREADS)
     backend = backend or index.get("backend", "local")
     address = address or (index.get("address") if backend == "ray" else None)
-    _check_counts(jobs, threads, retries)
-    execute(d, jobs, threads, backend, address, retries, out)
+    _check_counts(jobs, threads, retries, max_attempts)
+    execute(d, jobs, threads, backend, address, retries, out, max_attempts)
     return d
 
 
-def _check_counts(jobs: int, threads: int, retries: int) -> None:
+def _check_counts(jobs: int, threads: int, retries: int, max_attempts: int | None) -> None:
     for name, v, low in (("--jobs", jobs, 1), ("--threads-per-job", threads, 1),
-                         ("--retries", retries, 0)):
+                         ("--retries", retries, 0), ("--max-attempts", max_attempts or 1, 1)):
         if v < low:
             raise LmlabError(f"{name} = {v} must be at least {low}.")
 
@@ -89,20 +98,38 @@ def _wait_for_leftover(d: Path, key: str, out: Callable[[str], None]) -> None:
 def reconcile(d: Path, index: dict[str, Any], out: Callable[[str], None]) -> None:
     """Bring the index up to date with the run folders (after a kill, runs may have moved on)."""
     for r in index["runs"]:
+        if store.is_missing(r):
+            out(f"{r['key']}: finished, but its folder {r['run_dir']} is gone (missing); "
+                "running it again")
+            r.update(status=store.PENDING, run_id=None, run_dir=None,
+                     reason=f"missing: {r['run_dir']} was gone")
         if r["status"] == store.FINISHED:
             continue
         _wait_for_leftover(d, r["key"], out)
-        claim = d / "claims" / f"{r['key']}.json"
-        if claim.is_file():
-            c = json.loads(claim.read_text())
-            r["run_id"], r["run_dir"] = c["run_id"], c["run_dir"]
-        if r["run_dir"] and (Path(r["run_dir"]) / "manifest.json").is_file():
-            status = read_manifest(Path(r["run_dir"])).get("status")
-            if status == store.FINISHED:
-                r["status"] = store.FINISHED
-                continue
+        claim = store.read_claim(d, r["key"])
+        if claim is not None:
+            r["run_id"], r["run_dir"] = claim["run_id"], claim["run_dir"]
+        elif (d / "claims" / f"{r['key']}.json").is_file():
+            out(f"{r['key']}: ignoring {d / 'claims' / (r['key'] + '.json')} (damaged); the "
+                "index's run folder stands")
+        said = _manifest_status(r)
+        if said == store.FINISHED:
+            r["status"] = store.FINISHED
+            continue
         if r["status"] == store.RUNNING:
             r["status"] = store.INTERRUPTED
+            if said == store.DIED:
+                r["reason"] = "died while its driver was gone; continues from its checkpoint"
+
+
+def _manifest_status(r: dict[str, Any]) -> str | None:
+    """What the run's own manifest says (`died` for a dead process), None if unreadable."""
+    if not (r["run_dir"] and (Path(r["run_dir"]) / "manifest.json").is_file()):
+        return None
+    try:
+        return effective_status(read_manifest(Path(r["run_dir"])))
+    except LmlabError:
+        return None
 
 
 def job_for(r: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
@@ -114,13 +141,20 @@ def job_for(r: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
     elif run_dir is not None and run_dir.is_dir():
         # a run stopped before its first checkpoint: nothing to keep, start it afresh
         m = run_dir / "manifest.json"
-        if not m.is_file() or (read_manifest(run_dir).get("sweep") or {}).get(
-                "id") == index["sweep_id"]:
+        if not m.is_file() or _ours(run_dir, index["sweep_id"]):
             shutil.rmtree(run_dir)
         r["run_id"] = r["run_dir"] = None
     label = {k: r[k] for k in ("key", "variant", "point_id", "point", "seed")}
     return {"config": r["config"], "resume": resume,
             "sweep": {"id": index["sweep_id"], **label}}
+
+
+def _ours(run_dir: Path, sweep_id: str) -> bool:
+    """Whether the run folder was made by this sweep (a damaged manifest counts as ours)."""
+    try:
+        return (read_manifest(run_dir).get("sweep") or {}).get("id") == sweep_id
+    except LmlabError:
+        return True
 
 
 def _executor(backend: str, threads: int, address: str | None, d: Path):
@@ -136,20 +170,55 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
-            retries: int, out: Callable[[str], None] = print) -> dict[str, Any]:
+            retries: int, out: Callable[[str], None] = print,
+            max_attempts: int | None = None) -> dict[str, Any]:
+    """Run every unfinished run of the sweep in `d`, holding its driver lock."""
+    with store.driver_lock(d):
+        index = _drive(d, jobs, threads, backend, address, retries, out, max_attempts)
+    left = store.unfinished(index)
+    if left:
+        logs = f" (logs in {d / 'logs'})" if store.counts(index)[store.FAILED] else ""
+        raise SweepIncomplete(f"Sweep {index['sweep_id']} is incomplete: "
+                              f"{store.status_line(index, jobs, eta=False)}. Not finished: "
+                              f"{left}{logs}. Resume with: lmlab sweep resume {d}")
+    out(f"Sweep {index['sweep_id']}: {store.status_line(index, jobs)}. "
+        f"Report: lmlab sweep report {d}")
+    return index
+
+
+def _queue(index: dict[str, Any], out: Callable[[str], None]) -> list[str]:
+    """The runs to start, in order; failed runs past the attempt limit stay failed."""
+    limit, queue = index["max_attempts"], []
+    for r in index["runs"]:
+        if r["status"] == store.FINISHED:
+            continue
+        if r["status"] == store.FAILED and r["attempts"] >= limit:
+            out(f"{r['key']}: not retried, it failed {r['attempts']} times (max_attempts "
+                f"{limit}, recorded in the index; raise it with --max-attempts)")
+            continue
+        queue.append(r["key"])
+    return queue
+
+
+def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
+           retries: int, out: Callable[[str], None], max_attempts: int | None
+           ) -> dict[str, Any]:
     index = store.load(d)
     index.update(jobs=jobs, threads_per_job=threads, backend=backend, address=address,
-                 driver_pid=os.getpid())
+                 driver_pid=os.getpid(), retries=retries,
+                 max_attempts=max_attempts or index.get("max_attempts", store.MAX_ATTEMPTS))
     reconcile(d, index, out)
     store.save(d, index)
     by_key = {r["key"]: r for r in index["runs"]}
-    queue = [r["key"] for r in index["runs"] if r["status"] != store.FINISHED]
+    queue = _queue(index, out)
     if not queue:
-        out(f"All {len(index['runs'])} runs are finished. Report: lmlab sweep report {d}")
+        if not store.unfinished(index):
+            out(f"All {len(index['runs'])} runs are finished.")
         return index
     executor = _executor(backend, threads, address, d)
     tries: dict[str, int] = {}
     started: dict[str, float] = {}
+    stopping = False
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
 
     def finish(o) -> None:
@@ -158,12 +227,14 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         r["run_id"], r["run_dir"] = o.run_id or r["run_id"], o.run_dir or r["run_dir"]
         if o.rc == 0:
             r["status"], r["wall_s"] = store.FINISHED, round(time.monotonic() - started_at, 2)
-        elif o.rc == EXIT_INTERRUPTED or o.rc < 0:
-            r["status"] = store.INTERRUPTED
+            r["reason"] = None
+        elif o.rc == EXIT_INTERRUPTED or stopping:
+            r["status"], r["reason"] = store.INTERRUPTED, None
         else:
             r["status"] = store.FAILED
-            out(f"{o.key} failed (exit {o.rc}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
-            if tries[o.key] <= retries:
+            r["reason"] = store.died_reason(o.rc) if o.rc < 0 else f"exit {o.rc}"
+            out(f"{o.key} failed ({r['reason']}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
+            if tries[o.key] <= retries and r["attempts"] < index["max_attempts"]:
                 r["status"] = store.PENDING
                 queue.append(o.key)
                 out(f"{o.key}: retry {tries[o.key]} of {retries}")
@@ -197,6 +268,7 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         out(f"Interrupted: asking {len(started)} running run(s) to save a checkpoint and stop "
             "(Ctrl-C again to kill them)...")
         queue.clear()
+        stopping = True
         executor.interrupt()
         try:
             while started:
@@ -212,11 +284,4 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
     finally:
         signal.signal(signal.SIGTERM, previous)
         executor.close()
-    c = store.counts(index)
-    if c[store.FAILED]:
-        failed = [r["key"] for r in index["runs"] if r["status"] == store.FAILED]
-        out(f"{c[store.FAILED]} run(s) failed: {', '.join(failed)} (logs in {d / 'logs'}). "
-            f"Retry with: lmlab sweep resume {d}")
-    out(f"Sweep {index['sweep_id']}: {store.status_line(index, jobs)}. "
-        f"Report: lmlab sweep report {d}")
     return index

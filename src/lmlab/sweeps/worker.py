@@ -6,9 +6,11 @@ user would (SIGINT: finish the step, save a checkpoint). The worker asks the
 kernel for SIGINT when its parent dies, and a forked one also watches the driver,
 so a killed driver does not leave orphans training on: they save and stop, and
 `sweep resume` continues them.
-It holds a lock on its claim file while it lives, so a resume waits for it.
+It holds a lock on its claim file while it lives, so a resume waits for it, and a
+second worker for the same key exits at once (no key is ever trained twice).
 
-Exit status: 0 finished, 3 interrupted (checkpoint saved), 2 bad input, 1 crash.
+Exit status: 0 finished, 3 interrupted (checkpoint saved), 2 bad input or key
+already being trained, 1 crash.
 """
 
 from __future__ import annotations
@@ -91,7 +93,12 @@ def forked_main(job_file: str, log_file: str, threads: int) -> None:
 def run_job(job: dict) -> int:
     claim = Path(job["claim"])
     lock = open(claim.with_suffix(".lock"), "w")  # noqa: SIM115 - held for the process's life
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"lmlab: error: {claim.stem} is being trained by another process (it holds "
+              f"{lock.name}); not training it twice.", file=sys.stderr, flush=True)
+        return 2
 
     from lmlab.config import from_dict
     from lmlab.errors import LmlabError
