@@ -219,8 +219,10 @@ def _crc_problem(line: str, r: dict[str, Any]) -> str | None:
     return None
 
 
-def metrics_problems(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
-    """The usable records of `metrics.jsonl`, and (line number, why, text) of every other."""
+def metrics_problems(run_dir: Path, quiet: bool = True
+                     ) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
+    """The usable records of `metrics.jsonl`, and (line number, why, text) of every other,
+    each also a warning unless `quiet`."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return [], []
@@ -237,13 +239,11 @@ def metrics_problems(run_dir: Path) -> tuple[list[dict[str, Any]], list[tuple[in
             out.append(r)
         else:
             bad.append((n, problem, line[:80]))
+            if not quiet:
+                warn(f"skipped line {n} of {path} ({problem}): {line[:80]}")
     return out, bad
 
 
 def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
     """The usable records of `metrics.jsonl`; others are skipped, each with a warning."""
-    records, bad = metrics_problems(run_dir)
-    if not quiet:
-        for n, why, text in bad:
-            warn(f"skipped line {n} of {run_dir / 'metrics.jsonl'} ({why}): {text}")
-    return records
+    return metrics_problems(run_dir, quiet)[0]

@@ -40,7 +40,7 @@ def token_budget(m: dict[str, Any]) -> int | None:
 def load_run(run_dir: Path) -> dict[str, Any]:
     """A run's set-up, its final and best val loss and its val curve against step and tokens."""
     m = read_manifest(run_dir)
-    records, damaged = metrics_problems(run_dir)
+    records, damaged = metrics_problems(run_dir, quiet=False)
     evals = [r for r in records if r.get("kind") == "eval"]
     c = m.get("config", {})
     t = c.get("train", {})

@@ -103,6 +103,7 @@ def reconcile(d: Path, index: dict[str, Any], out: Callable[[str], None]) -> Non
                 "running it again")
             r.update(status=store.PENDING, run_id=None, run_dir=None,
                      reason=f"missing: {r['run_dir']} was gone")
+            (d / "claims" / f"{r['key']}.json").unlink(missing_ok=True)  # names the gone folder
         if r["status"] == store.FINISHED:
             continue
         _wait_for_leftover(d, r["key"], out)

@@ -275,7 +275,7 @@ def shown_status(r: dict[str, Any], driver_alive: bool) -> tuple[str, str]:
         return (DIED if said == DIED else said), "resume continues it from its checkpoint"
     if r["status"] == RUNNING and not driver_alive:
         return RUNNING, "its driver is gone (killed?); the run saves a checkpoint and stops"
-    if said not in (None, r["status"]):
+    if said not in (None, r["status"]) and not (r["status"] == FAILED and said == DIED):
         note = f"run says {said}" + (f"; {note}" if note else "")
     return r["status"], note
 

@@ -100,6 +100,13 @@ def run_job(job: dict) -> int:
               f"{lock.name}); not training it twice.", file=sys.stderr, flush=True)
         return 2
 
+    import tqdm
+
+    # one process needs no multiprocessing lock for its progress bars; tqdm's default is a
+    # semaphore that a killed worker would leak, and the driver's resource tracker would
+    # report that after the driver's last line
+    tqdm.tqdm.set_lock(threading.RLock())
+
     from lmlab.config import from_dict
     from lmlab.errors import LmlabError
     from lmlab.fileio import atomic_write_json
