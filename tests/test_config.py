@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lmlab.config import (
     CONFIG_DIR,
@@ -8,6 +9,7 @@ from lmlab.config import (
     diff_configs,
     from_dict,
     load_config,
+    load_yaml,
     parse_override,
 )
 from lmlab.errors import LmlabError
@@ -143,3 +145,31 @@ def test_model_knobs_are_refused_for_pretrained_models_and_bad_values_named():
         from_dict({"train": {"time_budget_s": -1}})
     with pytest.raises(LmlabError, match="train.decay_fraction"):
         from_dict({"train": {"decay_fraction": 1.5}})
+
+
+def test_a_key_given_twice_is_refused_in_sections_hooks_and_overrides(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(LmlabError, match=r"key 'lr' is given twice \(lines 2 and 3\); YAML "
+                                         "would silently keep only the last"):
+        load_config(str(path))
+    path.write_text("hooks:\n  forward:\n    - {name: scale, at: x, factor: 1, factor: 2}\n")
+    with pytest.raises(LmlabError, match=f"{path} is not valid YAML: key 'factor' is given "
+                                         "twice"):
+        load_config(str(path))
+    with pytest.raises(yaml.YAMLError, match="key 'a' is given twice"):
+        parse_override("train.lr={a: 1, a: 2}")
+
+
+def test_exponent_numbers_are_numbers_and_ready_configs_read_as_before(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 1e-4, min_lr: 3.0e-5, weight_decay: 1E-2}\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.lr, cfg.train.min_lr, cfg.train.weight_decay) == (1e-4, 3e-5, 1e-2)
+    assert cfg.hash() == from_dict({"train": {"lr": 1e-4, "min_lr": 3e-5,
+                                              "weight_decay": 1e-2}}).hash()
+    path.write_text("train: {lr: '1e-4'}\n")  # quoted: a string, as written
+    with pytest.raises(LmlabError, match="train.lr = '1e-4' has the wrong type"):
+        load_config(str(path))
+    for ready in CONFIG_DIR.glob("*.yaml"):  # so every ready config keeps its hash
+        assert load_yaml(ready.read_text()) == yaml.safe_load(ready.read_text()), ready

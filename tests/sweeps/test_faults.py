@@ -421,3 +421,35 @@ def test_a_second_worker_for_one_key_exits_without_training(tmp_path, capsys):
         assert run_job({"claim": str(claim)}) == 2
     assert "a-s1 is being trained by another process" in capsys.readouterr().err
     assert not claim.exists()
+
+
+CRASH = '''
+from lmlab.hooks.registry import register
+
+
+@register("update")
+def crash(named_params, *, step, lr):
+    if step >= 2:
+        raise RuntimeError("deliberate crash")
+'''
+
+
+def test_a_failing_run_is_retried_up_to_the_recorded_limit(corpus_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "crash.py").write_text(CRASH)
+    crash = {"hooks": {"plugins": [str(tmp_path / "crash.py")], "update": [{"name": "crash"}]}}
+    path = write_sweep(tmp_path, corpus_dir, seeds=1, variants={"a": {}, "c": crash})
+    rc, out, _ = cli(capsys, "sweep", "run", str(path), "--retries", "0", "--max-attempts", "2")
+    d = sweep_dir(tmp_path)
+    assert rc == 1 and out.splitlines()[-1].startswith(f"lmlab: Sweep {d.name} is incomplete")
+    assert "Not finished: c-s1 (failed: exit 2)" in out.splitlines()[-1]
+    assert store.load(d)["max_attempts"] == 2
+    rc, out, _ = cli(capsys, "sweep", "resume", str(d))
+    assert rc == 1 and "c-s1 started" in out and store.load(d)["runs"][1]["attempts"] == 2
+    rc, out, _ = cli(capsys, "sweep", "resume", str(d))
+    assert rc == 1 and "c-s1 started" not in out
+    assert "c-s1: not retried, it failed 2 times (max_attempts 2, recorded in the index; " \
+        "raise it with --max-attempts)" in out
+    rc, out, _ = cli(capsys, "sweep", "resume", str(d), "--max-attempts", "3")
+    assert rc == 1 and "c-s1 started" in out and store.load(d)["runs"][1]["attempts"] == 3

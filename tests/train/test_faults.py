@@ -510,6 +510,7 @@ def test_skip_policy_skips_counts_and_stops_after_n_in_a_row(plugin, data_dir, t
     cfg, out = hooked(plugin, data_dir, tmp_path, bad, on_nonfinite="skip", max_nonfinite_skips=2)
     rc, _, err = cli(capsys, "train", "--config", str(cfg), "--quiet")
     assert rc == 2 and "2 updates in a row were skipped" in one_error(err)
+    assert "on_nonfinite=skip" not in err and "enable train.grad_clip" not in err  # both set
     run = only_run(out)
     skipped = [r["step"] for r in read_metrics(run) if r["kind"] == "skipped"]
     assert skipped == [6, 7] and read_manifest(run)["final"]["nonfinite_skips"] == 2

@@ -118,3 +118,16 @@ def test_hook_fields_are_type_checked_at_config_load(entry, message):
         from_dict({"hooks": {"forward": [entry]}})
     with pytest.raises(LmlabError, match="weight = 'big' must be a number"):
         from_dict({"hooks": {"aux_losses": [{"name": "l1", "weight": "big"}]}})
+
+
+def test_the_last_good_checkpoint_is_one_whose_recorded_eval_was_finite(make_config):
+    from lmlab.records import MetricsLog
+    from lmlab.train.faults import last_good
+    from lmlab.train.loop import Trainer
+
+    run = Trainer(make_config(), progress=False).run()  # checkpoints at steps 4 and 8
+    ckpts = run / "checkpoints"
+    assert last_good(ckpts).startswith(f"The last good checkpoint is {ckpts / 'ckpt_0000008.pt'}")
+    # weights can be finite and still evaluate to NaN (after repeated skipped updates)
+    MetricsLog(run / "metrics.jsonl").write(kind="eval", step=8, val_loss=math.nan)
+    assert last_good(ckpts).startswith(f"The last good checkpoint is {ckpts / 'ckpt_0000004.pt'}")
