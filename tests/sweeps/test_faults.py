@@ -139,13 +139,20 @@ def _no_status(d: Path) -> None:
     (d / store.INDEX).write_text(json.dumps(index))
 
 
+def _one_folder_for_two(d: Path) -> None:
+    index = json.loads((d / store.INDEX).read_text())
+    index["runs"][1]["run_dir"] = index["runs"][0]["run_dir"]
+    (d / store.INDEX).write_text(json.dumps(index))
+
+
 @pytest.mark.parametrize("damage, what", [
     (lambda d: (d / store.INDEX).write_bytes(b'{"sweep_id": "\xff\xfe"}'), "not UTF-8 text"),
     (lambda d: (d / store.INDEX).write_text("[]"), "a JSON list, not an object"),
     (lambda d: (d / store.INDEX).write_text("{}"), "no valid 'sweep_id'"),
     (lambda d: (d / store.INDEX).write_text('{"sweep_id": "x", "ru'), "not JSON"),
     (_no_status, "run entry 1 (b-s1) has no valid 'status'"),
-], ids=["non-utf8", "list", "empty", "truncated", "no-status"])
+    (_one_folder_for_two, "runs a-s1 and b-s1 share the folder "),
+], ids=["non-utf8", "list", "empty", "truncated", "no-status", "shared-folder"])
 def test_a_damaged_index_is_named_with_its_fix_and_repair_rebuilds_it(
         damaged, finished, capsys, damage, what):
     damage(damaged)
@@ -269,6 +276,8 @@ def test_a_diverged_variant_is_reported_as_diverged_never_averaged(corpus_dir, t
     assert p.returncode == 0, out  # diverged runs finished: a result, not a failure
     d = sweep_dir(tmp_path)
     assert all(math.isnan(v) for k, v in losses(d).items() if k.startswith("b-"))
+    assert store.status_report(d).count("finished     100%") == 4
+    assert store.status_report(d).count("(diverged: final val loss nan)") == 2
     r = subprocess.run([sys.executable, "-m", "lmlab.cli", "sweep", "report", str(d)],
                        cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": SRC})
@@ -409,6 +418,9 @@ def test_a_second_driver_is_refused_naming_the_first(paused_file, paused_referen
                      "variant")
     assert rc == 2 and "Refusing to count one seed twice as two replicates: a has seed 1 " \
         "2 times (a-s1 (" in error(err)
+    rc, out, _ = cli(capsys, "runs", "compare", str(run), str(run) + "-copy")
+    assert rc == 0 and out.startswith("Repeats, not replicates: same base config")
+    assert "seeds repeat (1, 1) (sweep key a-s1)" in out.splitlines()[0]
 
 
 def test_a_second_worker_for_one_key_exits_without_training(tmp_path, capsys):

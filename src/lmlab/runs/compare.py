@@ -56,6 +56,12 @@ def comparability(manifests: list[dict[str, Any]]) -> list[str]:
         if len(hooks) == 1 and len(set(seeds)) == len(seeds):
             return [f"Replicates: {same}; the runs differ only in their seeds "
                     f"({', '.join(map(str, seeds))})."]
+        if len(hooks) == 1:  # one set-up, one seed: the same run twice, not two replicates
+            keys = {(m.get("sweep") or {}).get("key") for m in manifests} - {None}
+            return [f"Repeats, not replicates: {same}, and seeds repeat "
+                    f"({', '.join(map(str, seeds))})"
+                    + (f" (sweep key {', '.join(sorted(keys))})" if keys else "")
+                    + "; a repeated seed adds no evidence."]
         return [f"Comparable: {same}; the runs differ only in their hooks."]
     head = (f"!!! NOT COMPARABLE: {' AND '.join(problems)} DIFFER - these runs differ in more "
             "than their hooks, so their losses are not a like-for-like comparison !!!")

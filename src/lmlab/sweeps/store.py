@@ -14,6 +14,7 @@ is *missing*: `status` says so, `report` refuses, `resume` runs it again.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import fcntl
@@ -112,6 +113,15 @@ def _shape_problem(index: Any) -> str | None:
                 return f"run entry {n} ({r.get('key', '?')}) has no valid '{key}'"
         if r["status"] not in STATUSES:
             return f"run {r['key']} has status {r['status']!r}, not one of {', '.join(STATUSES)}"
+    keys = collections.Counter(r["key"] for r in index["runs"])
+    twice = [k for k, n in keys.items() if n > 1]
+    if twice:
+        return f"the run key {twice[0]} appears {keys[twice[0]]} times"
+    folders: dict[str, str] = {}  # one run standing for two would be compared with itself
+    for r in index["runs"]:
+        other = folders.setdefault(r["run_dir"], r["key"]) if r["run_dir"] else r["key"]
+        if other != r["key"]:
+            return f"runs {other} and {r['key']} share the folder {r['run_dir']}"
     return None
 
 
@@ -219,7 +229,9 @@ def progress(run: dict[str, Any]) -> float:
     if not run.get("run_dir"):
         return 0.0
     steps = [r.get("step", 0) for r in read_metrics(Path(run["run_dir"]), quiet=True)]
-    return min(1.0, max(steps, default=0) / max(1, run["config"]["train"]["max_steps"]))
+    total = (run["config"].get("train") or {}).get("max_steps")
+    return min(1.0, max(steps, default=0) / total) if isinstance(total, int) and total > 0 \
+        else 0.0
 
 
 def eta_seconds(index: dict[str, Any], jobs: int) -> float | None:
@@ -275,6 +287,11 @@ def shown_status(r: dict[str, Any], driver_alive: bool) -> tuple[str, str]:
         return (DIED if said == DIED else said), "resume continues it from its checkpoint"
     if r["status"] == RUNNING and not driver_alive:
         return RUNNING, "its driver is gone (killed?); the run saves a checkpoint and stops"
+    if r["status"] == FINISHED:
+        evals = [m["val_loss"] for m in read_metrics(Path(r["run_dir"]), quiet=True)
+                 if m["kind"] == "eval"]
+        if evals and not math.isfinite(evals[-1]):
+            note = f"diverged: final val loss {evals[-1]}"
     if said not in (None, r["status"]) and not (r["status"] == FAILED and said == DIED):
         note = f"run says {said}" + (f"; {note}" if note else "")
     return r["status"], note
