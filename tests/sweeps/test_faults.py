@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,14 @@ def sweep_dir(cwd: Path) -> Path:
     return d
 
 
-def finish_sweep(cwd: Path, path: Path) -> tuple[Path, str]:
-    """Run a sweep to the end in `cwd` (a real driver process); its folder and report."""
-    p = driver(cwd, "run", str(path), "--jobs", "2")
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out
-    d = sweep_dir(cwd)
+def finish_sweep(cwd: Path, path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """Run a sweep to the end in `cwd` (in this process; its runs are processes of their own);
+    its folder and report."""
+    from lmlab.sweeps.run import start
+
+    with monkeypatch.context() as m:
+        m.chdir(cwd)
+        d = start(path, Path("sweeps"), jobs=2, out=lambda line: None).resolve()
     return d, report(d)
 
 
@@ -114,10 +117,16 @@ def copy_sweep(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(corpus_dir, tmp_path_factory):
+def module_monkeypatch():
+    with pytest.MonkeyPatch.context() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def finished(corpus_dir, tmp_path_factory, module_monkeypatch):
     """A sweep of 2 variants x 2 seeds run to the end: (its working folder, its report)."""
     cwd = tmp_path_factory.mktemp("finished")
-    d, text = finish_sweep(cwd, write_sweep(cwd, corpus_dir))
+    d, text = finish_sweep(cwd, write_sweep(cwd, corpus_dir), module_monkeypatch)
     return cwd, text
 
 
@@ -268,23 +277,24 @@ def test_the_readmes_log_uniform_example_is_accepted(corpus_dir, tmp_path):
 # --- diverged variants -----------------------------------------------------------------
 
 
-def test_a_diverged_variant_is_reported_as_diverged_never_averaged(corpus_dir, tmp_path):
+def test_a_diverged_variant_is_reported_as_diverged_never_averaged(corpus_dir, tmp_path,
+                                                                    capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     path = write_sweep(tmp_path, corpus_dir, variants={
         "a": {}, "b": {"train.lr": 1e6, "train.on_nonfinite": "skip"}})
-    p = driver(tmp_path, "run", str(path), "--jobs", "2")
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out  # diverged runs finished: a result, not a failure
+    rc, out, _ = cli(capsys, "sweep", "run", str(path))
+    assert rc == 0, out  # diverged runs finished: a result, not a failure
     d = sweep_dir(tmp_path)
     assert all(math.isnan(v) for k, v in losses(d).items() if k.startswith("b-"))
     assert store.status_report(d).count("finished     100%") == 4
     assert store.status_report(d).count("(diverged: final val loss nan)") == 2
-    r = subprocess.run([sys.executable, "-m", "lmlab.cli", "sweep", "report", str(d)],
-                       cwd=tmp_path, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": SRC})
-    assert r.returncode == 0 and r.stderr == "", r.stderr  # no scipy warning over NaN
-    assert "b  2           -        -  2/2 diverged" in r.stdout
-    assert "b: 2/2 diverged (" in r.stdout and "b vs a: no test: b has diverged runs" in r.stdout
-    assert "nan" not in r.stdout.lower()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. scipy's over NaN
+        rc, out, err = cli(capsys, "sweep", "report", str(d))
+    assert rc == 0 and err == "", err
+    assert "b  2           -        -  2/2 diverged" in out
+    assert "b: 2/2 diverged (" in out and "b vs a: no test: b has diverged runs" in out
+    assert "nan" not in out.lower()
 
     def strict(constant: str):
         raise AssertionError(f"{constant} in --json output")
@@ -311,10 +321,11 @@ def paused_file(corpus_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def paused_reference(paused_file, tmp_path_factory) -> tuple[dict[str, float], str]:
+def paused_reference(paused_file, tmp_path_factory, module_monkeypatch
+                     ) -> tuple[dict[str, float], str]:
     """The uninterrupted sweep of `paused_file`: its final losses and report."""
     cwd = tmp_path_factory.mktemp("reference")
-    d, text = finish_sweep(cwd, paused_file)
+    d, text = finish_sweep(cwd, paused_file, module_monkeypatch)
     return losses(d), text
 
 
