@@ -15,6 +15,7 @@ import lmlab
 from lmlab.errors import LmlabError
 from lmlab.hooks.api import hooked, run_with_cache
 from lmlab.records import read_metrics
+from tests.runs.test_hparams import read_hparams
 from tests.sweeps.conftest import sweep_file  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,5 +102,10 @@ def test_sweep_runs_and_reports_a_dataframe(sweep_file,  # noqa: F811
     assert fa["diff"] == pytest.approx(fa["mean"] - df.set_index("variant").loc[
         "backprop", "mean"])
     assert 0 <= fa["p"] <= 1 and isinstance(fa["verdict"], str)
+    for r in s.runs:  # the worker wrote each run's row of TensorBoard's HParams table
+        hp, scalars, _, _ = read_hparams(r.path / "tb")
+        assert hp["variant"] == r.manifest["sweep"]["variant"] and hp["seed"] == r.config.run.seed
+        assert scalars["hparams/final_val_loss"] == pytest.approx(
+            r.metrics.query("kind == 'eval'")["val_loss"].iloc[-1])
     with pytest.raises(LmlabError, match="not a sweep folder"):
         lmlab.Sweep(tmp_path)
