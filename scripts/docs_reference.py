@@ -69,6 +69,56 @@ def _field_comments(path: Path) -> dict[tuple[str, str], str]:
     return out
 
 
+# What a key means where config.py has no comment beside the field (a comment there wins).
+MEANINGS = {
+    "run.name": "part of the run id (runs/<time>-<name>-<hash>)",
+    "run.seed": "seeds weights, batches and every hook's random stream; runs differing only "
+                "here are replicates",
+    "run.out_dir": "the folder that holds run folders",
+    "data.path": "a folder written by `lmlab prepare` (train.bin, val.bin, meta.json)",
+    "data.block_size": "context length in tokens of each training window",
+    "model.model_name": "null: the from-scratch Transformer; else a registered model's name",
+    "model.n_layer": "Transformer blocks", "model.n_head": "attention heads per block",
+    "model.d_model": "residual stream width", "model.d_ff": "MLP hidden width",
+    "model.dropout": "dropout probability (0: none)", "model.bias": "biases in the linears",
+    "model.pos_encoding": "position information: learned table, sinusoidal or rotary",
+    "model.dtype": "weights' dtype (imported models may load in bf16 to save memory)",
+    "train.finetune.method": "full: train every weight; lora: frozen weights + LoRA adapters",
+    "train.finetune.r": "LoRA rank", "train.finetune.alpha": "LoRA scale numerator (alpha / r)",
+    "train.finetune.dropout": "dropout on the LoRA input",
+    "train.finetune.target_modules": "the linear layers that get adapters",
+    "train.batch_size": "windows per micro-batch",
+    "train.grad_accum": "micro-batches per update (effective batch = batch_size x grad_accum "
+                        "x processes)",
+    "train.max_steps": "updates to run (a cap when time_budget_s is set)",
+    "train.lr": "peak learning rate (AdamW's under Muon)",
+    "train.min_lr": "learning rate at the end of the schedule",
+    "train.warmup_steps": "linear warm-up from 0 to lr",
+    "train.schedule": "learning-rate schedule after warm-up",
+    "train.optimizer": "adamw, sgd (momentum), lion, or muon (Muon for 2-D hidden weights, "
+                       "AdamW for the rest)",
+    "train.weight_decay": "decoupled weight decay (not on norms, biases or embeddings)",
+    "train.beta1": "first-moment decay (AdamW, Lion)", "train.beta2": "second-moment decay",
+    "train.momentum": "SGD's and Muon's momentum",
+    "train.grad_clip": "global gradient-norm clip (0: off)",
+    "train.eval_every": "steps between evaluations (and one at the end)",
+    "train.eval_batches": "batches per evaluation (null: the whole val split)",
+    "train.checkpoint_every": "steps between checkpoints (and one at the end)",
+    "train.keep_checkpoints": "newest checkpoints kept per run",
+    "train.log_every": "steps between train records (and progress lines when not on a terminal)",
+    "train.sample_every": "steps between samples written to samples.txt (0: none)",
+    "train.device": "where to train", "train.dtype": "autocast dtype (auto: bf16 where fast)",
+    "train.compile": "torch.compile the model", "train.threads": "torch threads (null: torch's)",
+    "train.max_nonfinite_skips": "skipped updates in a row before stopping",
+    "hooks.forward": "hooks that change activations at points",
+    "hooks.backward": "hooks that change the gradient through points",
+    "hooks.update": "gradient transforms before optimizer.step()",
+    "hooks.aux_losses": "weighted losses added to the training loss",
+    "hooks.plugins": "Python files that register more hooks",
+    "telemetry.every": "steps between measurements of the learning dynamics (0: never)",
+}
+
+
 def config_page() -> str:
     from lmlab import config as c
 
@@ -79,8 +129,8 @@ def config_page() -> str:
            "sets them by section (`train: {lr: 3e-4}`), `--set train.lr=3e-4` and "
            "`lmlab.train(overrides={\"train.lr\": 3e-4})` by dotted key. *added*: a key added "
            "after runs were made; at its default it is left out of the config hash, so "
-           "earlier runs keep theirs. *book-keeping*: left out of the base hash (it cannot "
-           "change what is learned).", ""]
+           "earlier runs keep theirs. *book-keeping*: left out of the base hash, so runs that "
+           "differ only there (names, folders, intervals, seeds) compare as one set-up.", ""]
     book = {f"{s}.{k}" for s, k in c.BOOKKEEPING}
 
     def section(cls: type, prefix: str) -> None:
@@ -94,7 +144,7 @@ def config_page() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             flags = [w for w, on in (("added", f.metadata.get("added")),
                                      ("book-keeping", f"{prefix}.{f.name}" in book)) if on]
-            note = notes.get((cls.__name__, f.name), "")
+            note = notes.get((cls.__name__, f.name)) or MEANINGS.get(f"{prefix}.{f.name}", "")
             note += f" *({', '.join(flags)})*" if flags else ""
             rows.append(f"| `{prefix}.{f.name}` | {c._type_name(tp).replace('|', '&#124;')} | "
                         f"`{default!r}` | {note.strip()} |")

@@ -47,11 +47,13 @@ def blocks(text: str) -> list[tuple[str, str | None, str, int]]:
 
 
 def shim(folder: Path) -> dict[str, str]:
-    """An environment whose `lmlab` is this checkout's CLI."""
+    """An environment whose `lmlab` is this checkout's CLI and `python` this interpreter."""
     folder.mkdir()
-    exe = folder / "lmlab"
-    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "main.py"}" "$@"\n')
-    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    for name, command in (("lmlab", f'"{sys.executable}" "{ROOT / "main.py"}"'),
+                          ("python", f'"{sys.executable}"')):
+        exe = folder / name
+        exe.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}",
             "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
 

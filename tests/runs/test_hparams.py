@@ -24,6 +24,7 @@ def read_hparams(tb: Path) -> tuple[dict, dict, dict, str]:
     start = metadata.parse_session_start_info_plugin_data(
         content[metadata.SESSION_START_INFO_TAG])
     hp = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert start.group_name == tb.parent.name  # the table's trial id is the run id
     exp = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
     columns = {"hparams": [h.name for h in exp.hparam_infos],
                "metrics": [m.name.tag for m in exp.metric_infos]}
@@ -36,6 +37,7 @@ def test_a_sweep_run_writes_its_hparams_and_final_metrics_into_its_own_tb(make_c
                                                                             tmp_path: Path):
     sweep_dir = tmp_path / "sweep"
     sweep_dir.mkdir()
+    (sweep_dir / "index.json").write_text("{}")
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "t", "set": {"train.max_steps": 8, "model.d_model": 32},
         "grid": {"train.lr": [3e-3]},

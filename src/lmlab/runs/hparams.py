@@ -71,20 +71,21 @@ def write_hparams(run_dir: Path, sweep_dir: Path | None = None) -> dict[str, Val
     if not m.get("sweep") or m.get("status") != "finished":
         return None
     sweep = None
-    if sweep_dir is not None and (Path(sweep_dir) / "sweep.yaml").is_file():
+    if sweep_dir is not None and (Path(sweep_dir) / "index.json").is_file():  # a sweep folder
         import yaml
 
         sweep = yaml.safe_load((Path(sweep_dir) / "sweep.yaml").read_text())
     hp = sweep_hparams(m, sweep)
     try:
         _write(Path(run_dir) / "tb", hp, {tag: final.get(key) for tag, key in METRICS.items()},
-               int(final.get("step") or 0))
+               int(final.get("step") or 0), str(m.get("run_id", Path(run_dir).name)))
     except Exception as e:  # TensorBoard is a view: the run and its records are intact
         warn(f"TensorBoard HParams for {run_dir} not written ({type(e).__name__}: {e}).")
     return hp
 
 
-def _write(folder: Path, hp: dict[str, Value], metrics: dict[str, Any], step: int) -> None:
+def _write(folder: Path, hp: dict[str, Value], metrics: dict[str, Any], step: int,
+           trial_id: str) -> None:
     from tensorboard.compat.proto import summary_pb2
     from tensorboard.plugins.hparams import metadata, plugin_data_pb2, summary_v2
     from torch.utils.tensorboard import SummaryWriter
@@ -100,7 +101,7 @@ def _write(folder: Path, hp: dict[str, Value], metrics: dict[str, Any], step: in
                   tensor=metadata.NULL_TENSOR)
     w = SummaryWriter(log_dir=str(folder))
     try:
-        for summary in (experiment, summary_v2.hparams_pb(hp)):
+        for summary in (experiment, summary_v2.hparams_pb(hp, trial_id=trial_id)):
             w.file_writer.add_summary(summary, step)
         for tag, value in metrics.items():
             if isinstance(value, int | float):
