@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/lmlab prepare shakespeare --out data/shakespeare
 	$(BIN)/lmlab train
-	$(BIN)/lmlab eval --checkpoint "$$(ls -d runs/*-default-* | tail -n 1)"
+	$(BIN)/lmlab eval --batch-size 64 --checkpoint "$$(ls -d runs/*-default-* | tail -n 1)"
 	$(BIN)/lmlab sample --checkpoint "$$(ls -d runs/*-default-* | tail -n 1)" \
 		--max-new-tokens 600 --temperature 0.8 --top-k 40 --seed 1
 
