@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# A PNG of TensorBoard's Time Series page for the runs under LOGDIR, taken with headless
-# Chromium (Debian: apt-get install -y chromium); docs/tensorboard.png was made with it.
+# A PNG of TensorBoard's Time Series page (or PAGE=hparams: the HParams table) for the runs
+# under LOGDIR, taken with headless Chromium (Debian: apt-get install -y chromium);
+# docs/tensorboard.png and docs/tensorboard-hparams.png were made with it.
 #
 #   bash scripts/tensorboard_screenshot.sh LOGDIR OUT.png [TAG_REGEX]
+#   PAGE=hparams SIZE=1800,520 bash scripts/tensorboard_screenshot.sh sweep-runs/ OUT.png
 #
 # TensorBoard listens on 127.0.0.1 on a free port, loads the event files once, and is
 # stopped afterwards. Charts are drawn as SVG (`forceSVG`): without a GPU, Chromium's
@@ -11,6 +13,8 @@ set -euo pipefail
 LOGDIR=$1
 OUT=$2
 TAGS=${3:-}
+PAGE=${PAGE:-timeseries}
+SIZE=${SIZE:-1400,900}
 TENSORBOARD=${TENSORBOARD:-$(dirname "$0")/../.venv/bin/tensorboard}
 LOG=$(mktemp)
 PROFILE=$(mktemp -d)
@@ -36,5 +40,5 @@ QUERY="forceSVG=true&smoothing=0"
 print(u.quote(sys.argv[1], safe=""))' "$TAGS")"
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking \
     --disable-component-update --disable-sync --no-first-run --user-data-dir="$PROFILE" \
-    --hide-scrollbars --virtual-time-budget=60000 --window-size=1400,900 \
-    --screenshot="$OUT" "$URL/?$QUERY#timeseries"
+    --hide-scrollbars --virtual-time-budget=60000 --window-size="$SIZE" \
+    --screenshot="$OUT" "$URL/?$QUERY#$PAGE"

@@ -39,26 +39,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmlab import records as mf
-    from lmlab.config import load_config, load_raw
-    from lmlab.train.loop import Trainer, config_for_resume
+    from lmlab.api import train
 
-    if args.resume:
-        base = load_raw(args.config) if args.config else None
-        cfg = config_for_resume(args.resume, base, args.set)
-    else:
-        cfg = load_config(args.config, args.set)
-    trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
-                      progress=not args.quiet)
-    if trainer.dist.is_main:
-        verb = f"Resuming run {trainer.run_id} at step {trainer.step}" if args.resume else \
-            f"Run {trainer.run_id}"
-        print(f"{verb}: {trainer.run_dir} ({trainer.adapter.num_params():,} parameters, "
-              f"{trainer.device}, {trainer.dtype})", flush=True)
-    run_dir = trainer.run()
-    if trainer.dist.is_main:
-        status = mf.read_manifest(run_dir)["status"]
-        print(f"Run {run_dir.name} {status}: {run_dir}")
+    train(args.config, args.set, resume=args.resume,
+          allow_config_change=args.allow_config_change, progress=not args.quiet)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -154,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train", help="train a model (or resume a run)",
-                       description="Train with a config (default: configs/char-tiny.yaml). Prints "
-                       "the run id and folder; shows loss, lr, tokens/s and ETA as it goes. "
+                       description="Train with a config (default: configs/default.yaml, the "
+                       "speedrun recipe on a 150 s budget). Prints the run id and folder; shows "
+                       "loss, lr, tokens/s and ETA as it goes. "
                        "Ctrl-C saves a checkpoint and stops cleanly.")
     s.add_argument("--config", help="a YAML file or the name of a ready config in configs/")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -26,7 +26,7 @@ import yaml
 from lmlab.errors import LmlabError, did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = "char-tiny"
+DEFAULT_CONFIG = "default"  # the speedrun recipe on a demo-sized time budget
 
 
 def added(default: Any) -> Any:

@@ -17,7 +17,7 @@ def run_cli(argv: list[str]) -> None:
 def test_hooks_list_default_config(capsys):
     run_cli(["hooks", "list"])
     out = capsys.readouterr().out
-    assert "73 hook points; blocks.{i} for i = 0..3" in out  # char-tiny: 4 layers
+    assert "88 hook points; blocks.{i} for i = 0..3" in out  # default: speedrun, 4 layers
     lines = out.splitlines()
     q = next(line for line in lines if "blocks.{i}.attn.hook_q " in line)
     assert "[batch, pos, head, d_head]" in q and "TL: same name" in q

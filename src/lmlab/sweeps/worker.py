@@ -111,6 +111,7 @@ def run_job(job: dict) -> int:
     from lmlab.errors import LmlabError
     from lmlab.fileio import atomic_write_json
     from lmlab.records import read_manifest
+    from lmlab.runs.hparams import write_hparams
     from lmlab.train.loop import Trainer
 
     try:
@@ -129,6 +130,7 @@ def run_job(job: dict) -> int:
               flush=True)
         return EXIT_INTERRUPTED
     status = read_manifest(run_dir)["status"]
+    write_hparams(run_dir, claim.parents[1])  # TensorBoard's HParams tab: one table a sweep
     print(f"Run {run_dir.name} {status}", flush=True)
     return 0 if status == "finished" else EXIT_INTERRUPTED
 

@@ -37,6 +37,7 @@ from lmlab.model.checkpoint import checkpoint_path, load_checkpoint, prune_check
 from lmlab.model.finetune import check_resume, use_activation_checkpointing
 from lmlab.train import distributed, faults
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
+from lmlab.train.progress import Progress
 from lmlab.train.telemetry import Telemetry
 from lmlab.train.tensorboard import TensorBoardLog
 
@@ -283,11 +284,10 @@ class Trainer:
         tokens_per_step = t.batch_size * t.grad_accum * cfg.data.block_size * self.dist.world_size
         previous = signal.signal(signal.SIGINT, self._on_sigint)
         self.hooks.attach(self.run_dir)
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress,
-                   dynamic_ncols=True, unit="step")
         status, started = "finished", self.step
         self.t0 = t0 = time.perf_counter()
         budget, clock = t.time_budget_s, self.clock
+        bar = Progress(t.max_steps, self.step, self.progress, budget, clock)
         self.out_of_time = bool(budget) and clock() >= budget  # a resume after the budget
         # tokens/s counts time in training steps only, not evaluation or checkpointing
         step_time, window_time, step_window = 0.0, 0.0, self.step
@@ -310,7 +310,7 @@ class Trainer:
                 step_time, window_time = step_time + elapsed, window_time + elapsed
                 self.step += 1
                 last_loss = loss
-                bar.update(1)
+                bar.update(self.step)
                 # every rank stops at the same step: rank 0's clock decides
                 self.out_of_time = bool(budget) and self.dist.any_rank(
                     self.dist.is_main and clock() >= budget)
@@ -323,7 +323,7 @@ class Trainer:
                                        time=round(clock(), 3))
                     for name, value in aux.items():
                         self.metrics.write(kind="aux", step=self.step, name=name, value=value)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                    bar.report(self.step, loss, lr, tps)
                 if self.step % t.eval_every == 0 or last:
                     self._eval_and_log(clock())
                 if t.sample_every and self.step % t.sample_every == 0:
