@@ -305,7 +305,7 @@ class Trainer:
                 lr = t.lr * self.lr_mult(self.step, budget and clock() / budget)
                 set_lr(self.optimizer, lr)
                 t_step = time.perf_counter()
-                loss, aux = self._train_step()
+                loss, aux = self._train_step(lr)
                 elapsed = time.perf_counter() - t_step
                 step_time, window_time = step_time + elapsed, window_time + elapsed
                 self.step += 1
@@ -363,7 +363,7 @@ class Trainer:
                 self.dist.cleanup(ok=status != "failed")
         return self.run_dir
 
-    def _train_step(self) -> tuple[float, dict[str, float]]:
+    def _train_step(self, lr: float) -> tuple[float, dict[str, float]]:
         t = self.cfg.train
         total_loss, aux_totals = 0.0, {}
         probe = self.telemetry.probe(self.step + 1)  # hooks on for this step, if it is due
@@ -392,7 +392,7 @@ class Trainer:
         else:
             norm = _grad_norm(self.adapter)
         if self.hooks.update_fns:  # they may change the gradient: check what the update uses
-            self.hooks.transform_grads(self.step, self.optimizer.param_groups[0]["lr"])
+            self.hooks.transform_grads(self.step, lr)  # the run's lr, not a group's (Muon's)
             norm = _grad_norm(self.adapter)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.dist.any_rank(not bool(torch.isfinite(norm))):
