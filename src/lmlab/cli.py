@@ -40,22 +40,24 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from lmlab import records as mf
     from lmlab.config import load_config, load_raw
-    from lmlab.train.loop import Trainer, config_for_resume
+    from lmlab.train.loop import Trainer
+    from lmlab.train.state import Checkpoint, config_for_resume
 
-    if args.resume:
+    checkpoint = Checkpoint.load(args.resume) if args.resume else None  # loaded and checked once
+    if checkpoint is not None:
         base = load_raw(args.config) if args.config else None
-        cfg = config_for_resume(args.resume, base, args.set)
+        cfg = config_for_resume(checkpoint, base, args.set)
     else:
         cfg = load_config(args.config, args.set)
-    trainer = Trainer(cfg, resume=args.resume, allow_config_change=args.allow_config_change,
+    trainer = Trainer(cfg, resume=checkpoint, allow_config_change=args.allow_config_change,
                       progress=not args.quiet)
-    if trainer.dist.is_main:
-        verb = f"Resuming run {trainer.run_id} at step {trainer.step}" if args.resume else \
-            f"Run {trainer.run_id}"
-        print(f"{verb}: {trainer.run_dir} ({trainer.adapter.num_params():,} parameters, "
-              f"{trainer.device}, {trainer.dtype})", flush=True)
+    s = trainer.state
+    if s.dist.is_main:
+        verb = f"Resuming run {s.run_id} at step {s.step}" if args.resume else f"Run {s.run_id}"
+        print(f"{verb}: {s.run_dir} ({s.adapter.num_params():,} parameters, "
+              f"{s.device}, {s.dtype})", flush=True)
     run_dir = trainer.run()
-    if trainer.dist.is_main:
+    if s.dist.is_main:
         status = mf.read_manifest(run_dir)["status"]
         print(f"Run {run_dir.name} {status}: {run_dir}")
 
