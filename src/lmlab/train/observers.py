@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lmlab import records
-from lmlab.config import dump_yaml
+from lmlab.config import SCHEMA_VERSION, dump_yaml
 from lmlab.errors import LmlabError
 from lmlab.eval.metrics import evaluate
 from lmlab.eval.sampling import generate
@@ -131,6 +131,7 @@ class Manifest(Observer):
             "run_id": s.run_id, "status": status,
             "updated_at": dt.datetime.now().isoformat(timespec="seconds"),
             "config": cfg.to_dict(), "config_hash": cfg.hash(), "base_hash": cfg.base_hash(),
+            "config_schema": SCHEMA_VERSION,
             "data_hash": s.data.meta.get("data_hash"), "data_path": cfg.data.path,
             "hooks": s.hooks.describe(), "plugins": s.hooks.plugins,
             "model": {**adapter.meta, "params": adapter.num_params(),
