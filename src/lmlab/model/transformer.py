@@ -18,39 +18,36 @@ embeddings and a skip from the embedding into every block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.config import ModelConfig
 from lmlab.model.attention import add_attention_points, attend, on_heads
 from lmlab.model.norms import Gain, NormPoints, RMSNorm, hooked_norm, layer_norm, layer_norm_gain
 from lmlab.model.points import HookPoint
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
+    """The config's `model` section (declared once, in lmlab.config, which every layer may
+    import) plus what the data decides: the vocabulary and the window."""
+
     vocab_size: int = 97
     block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 512
-    dropout: float = 0.0
-    bias: bool = False
-    pos_encoding: str = "learned"  # learned | sinusoidal | rotary
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | relu2 | swiglu (fc then holds gate and up: 2 x d_ff outputs)
-    qk_norm: bool = False  # RMSNorm of q and k per head, before rotary
-    tie_embeddings: bool = True
-    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
-    zero_init_proj: bool = False  # output projections (and an untied head) start at zero
-    value_embed: bool = False  # a per-layer token embedding added to the values
-    embed_skip: bool = False  # each block adds a learned multiple of the embedding
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The network's shape as checkpoints hold it (`model_config`): no pretrained-only keys."""
+        d = asdict(self)
+        for key in PRETRAINED_ONLY:
+            d.pop(key)
+        return {"vocab_size": d.pop("vocab_size"), "block_size": d.pop("block_size"), **d}
+
+
+PRETRAINED_ONLY = ("model_name", "dtype")  # the adapter's business, not the network's
 
 
 class KVCache:
@@ -136,25 +133,30 @@ class Attention(nn.Module):
         return self.proj(z.reshape(B, T, C))
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)  # fc holds gate and up: 2 x d_ff outputs
+    return F.silu(gate) * up
+
+
+def relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "relu2": relu2, "swiglu": swiglu}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.kind = cfg.mlp
+        self.activation = ACTIVATIONS[cfg.mlp]  # chosen once, not per call
         width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # hook_post: the activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.hook_pre(self.fc(x))
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        elif self.kind == "relu2":
-            a = F.relu(h).square()
-        else:
-            a = F.gelu(h)
-        return self.proj(self.hook_post(a))
+        return self.proj(self.hook_post(self.activation(self.hook_pre(self.fc(x)))))
 
 
 def make_norm(d: int, cfg: TransformerConfig) -> nn.Module:
