@@ -14,6 +14,7 @@ import argparse
 from typing import Any
 
 from lmlab.hooks import registry
+from lmlab.hooks import standard as _standard  # noqa: F401  (registers the built-ins)
 from lmlab.model.points import summarise
 from lmlab.model.vocabulary import VOCABULARY, describe
 
@@ -52,7 +53,6 @@ def points_text(names: list[str]) -> list[str]:
 
 def hooks_text() -> list[str]:
     """Every registered hook by kind: its signature, where it may act, and its one-line doc."""
-    registry.load_builtins()
     lines = []
     for kind in registry.KINDS:
         lines.append(f"{kind} hooks ({KIND_HELP[kind]}):")
