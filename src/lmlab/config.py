@@ -295,18 +295,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             + did_you_mean(str(value), choices)
         )
     if isinstance(tp, types.UnionType) or origin is typing.Union:
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except LmlabError:
-                pass
-        raise LmlabError(
-            f"Config value {where} = {value!r} has the wrong type: it must be {_type_name(tp)}."
-        )
+        return _coerce_union(value, tp, where)
     if origin is list:
         if not isinstance(value, list):
             raise LmlabError(f"Config value {where} must be a list, not {value!r}.")
@@ -314,6 +303,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if item_tp is Any:
             return value
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    return _coerce_plain(value, tp, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """The first arm of `tp` (`A | B | None`) that accepts `value`."""
+    if value is None and type(None) in typing.get_args(tp):
+        return None
+    for arg in typing.get_args(tp):
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except LmlabError:  # not this arm; the error below names them all
+            pass
+    raise LmlabError(
+        f"Config value {where} = {value!r} has the wrong type: it must be {_type_name(tp)}."
+    )
+
+
+def _coerce_plain(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is dict and isinstance(value, dict):
@@ -356,6 +365,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _check_values(cfg: Config) -> None:
+    for check in (_check_sizes, _check_model, _check_rates, _check_finetune, _check_telemetry,
+                  _check_hooks):
+        check(cfg)
+
+
+def _check_sizes(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     positive = {
         "data.block_size": cfg.data.block_size,
@@ -370,6 +385,12 @@ def _check_values(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise LmlabError(f"Config value {key} = {value} must be positive.")
+    if t.max_nonfinite_skips < 1:
+        raise LmlabError(f"train.max_nonfinite_skips = {t.max_nonfinite_skips} must be >= 1.")
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
     if m.model_name is None and m.d_model % m.n_head:
         raise LmlabError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})."
@@ -378,9 +399,18 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError("Rotary positions need an even head size (model.d_model / model.n_head).")
     if not 0.0 <= m.dropout < 1.0:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
+    if m.model_name is not None:
+        for path, default, _ in ADDED:
+            section, _, key = path.partition(".")
+            if section == "model" and getattr(m, key) != default:
+                raise LmlabError(f"model.{key} shapes the from-scratch model only; "
+                                 f"{m.model_name} is pretrained: leave it at {default!r}.")
+
+
+def _check_rates(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
-    _check_finetune(cfg)
     positive = {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
                 "train.embed_lr": t.embed_lr, "train.time_budget_s": t.time_budget_s}
     for key, value in positive.items():
@@ -388,27 +418,25 @@ def _check_values(cfg: Config) -> None:
             raise LmlabError(f"Config value {key} = {value} must be positive (or null).")
     if not 0.0 <= t.decay_fraction <= 1.0:
         raise LmlabError(f"train.decay_fraction = {t.decay_fraction} must be in [0, 1].")
-    if m.model_name is not None:
-        for path, default, _ in ADDED:
-            section, _, key = path.partition(".")
-            if section == "model" and getattr(m, key) != default:
-                raise LmlabError(f"model.{key} shapes the from-scratch model only; "
-                                 f"{m.model_name} is pretrained: leave it at {default!r}.")
+    if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
+        raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
+                         "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
+                         "with fsdp, or train.parallel=ddp with muon.")
+
+
+def _check_telemetry(cfg: Config) -> None:
     if cfg.telemetry.every < 0:
         raise LmlabError(f"telemetry.every = {cfg.telemetry.every} must be 0 (off) or a "
                          "positive number of steps between measurements.")
     if cfg.telemetry.histograms and not cfg.run.tensorboard:
         raise LmlabError("telemetry.histograms go to TensorBoard only, which run.tensorboard=false "
                          "turns off; set one of them the other way.")
-    if t.max_nonfinite_skips < 1:
-        raise LmlabError(f"train.max_nonfinite_skips = {t.max_nonfinite_skips} must be >= 1.")
+
+
+def _check_hooks(cfg: Config) -> None:
     for kind in ("forward", "backward", "update", "aux_losses"):
         for i, entry in enumerate(getattr(cfg.hooks, kind)):
             check_hook_entry(kind, entry, f"hooks.{kind}[{i}]")
-    if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
-        raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
-                         "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
-                         "with fsdp, or train.parallel=ddp with muon.")
 
 
 def _check_finetune(cfg: Config) -> None:
