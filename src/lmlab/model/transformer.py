@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.config import ModelConfig
-from lmlab.model.attention import add_attention_points, attend, on_heads
+from lmlab.model.attention import KVCache, add_attention_points, attend, on_heads
 from lmlab.model.norms import Gain, NormPoints, RMSNorm, hooked_norm, layer_norm, layer_norm_gain
 from lmlab.model.points import HookPoint
 
@@ -48,34 +48,6 @@ class TransformerConfig(ModelConfig):
 
 
 PRETRAINED_ONLY = ("model_name", "dtype")  # the adapter's business, not the network's
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, so a new token costs one position.
-
-    It holds at most one window (`capacity` = block_size). When it is full the
-    sampler starts a fresh one from the recent half window: every forward pass
-    is then a window the model was trained on, starting at position 0.
-    """
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, capacity: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch, n_head, capacity, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.capacity = capacity
-        self.pos = 0  # position of the next token
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        end = self.pos + k.size(2)
-        if end > self.capacity:
-            raise ValueError(f"KV cache full: {end} positions exceed {self.capacity}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -295,10 +267,10 @@ class Transformer(nn.Module):
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return self.hook_logits(logits)
 
-    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        c = self.cfg
-        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.d_model // c.n_head,
-                       device=device, dtype=dtype)
+    def new_cache(self, batch_size: int = 1, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A cache of one window; its buffers take the batch, device and dtype of the keys."""
+        return KVCache(self.cfg.n_layer, self.cfg.block_size)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once
