@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.cli.model import add_commands
 from lmlab.errors import LmlabError
 from lmlab.model import registry
 from lmlab.model.adapters import adapter_class
-from lmlab.model.cli import add_commands
 from lmlab.model.importer import derive_name, import_model, register_checkpoint
 
 SRC = str(Path(registry.__file__).parents[2])

@@ -1,6 +1,7 @@
 """The pretrained-model commands: `import-model`, `models list|show|lineage|register`, `export`.
 
-`lmlab.cli` calls `add_commands(subparsers)`; each command's handler raises
+`lmlab.cli` calls `add_commands(subparsers)`; the work is in lmlab.model (importer,
+registry, export); each command's handler raises
 LmlabError for a user's mistake, which the CLI prints as one paragraph.
 """
 

@@ -14,11 +14,10 @@ import json
 import os
 import sys
 
+from lmlab.cli.hooks import add_commands as add_hooks_commands
+from lmlab.cli.model import add_commands as add_model_commands
+from lmlab.cli.runs import add_compare, add_plot
 from lmlab.errors import LmlabError
-from lmlab.hooks.cli import add_commands as add_hooks_commands
-from lmlab.model.cli import add_commands as add_model_commands
-from lmlab.runs.compare import add_compare
-from lmlab.runs.plot import add_plot
 from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 
