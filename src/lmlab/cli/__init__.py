@@ -37,8 +37,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmlab import records as mf
     from lmlab.config import load_config, load_raw
+    from lmlab.records import read_manifest
     from lmlab.train.loop import Trainer
     from lmlab.train.state import Checkpoint, config_for_resume
 
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> None:
               f"{s.device}, {s.dtype})", flush=True)
     run_dir = trainer.run()
     if s.dist.is_main:
-        status = mf.read_manifest(run_dir)["status"]
+        status = read_manifest(run_dir)["status"]
         print(f"Run {run_dir.name} {status}: {run_dir}")
 
 
