@@ -18,7 +18,7 @@ methods the forward is made of: `_embed`, `_rope`, `_norm`, `_block`, `_qkv`,
 `_block`). A config this code would compute wrongly is refused by `check_config`.
 
 Generation uses the one KV cache of every model (`model.attention.KVCache`).
-Also here: dtype helpers (the tokenizer is in `model/tokenizers.py`). Weights
+Also here: dtype helpers (the tokenizer is in `model/hf_tokenizer.py`). Weights
 load in float32 unless the config asks otherwise, since transformers 5.x keeps a
 checkpoint's bf16 and CPU training wants float32.
 """
@@ -36,10 +36,10 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.model.adapters.base import BaseAdapter
 from lmlab.model.attention import KVCache, add_attention_points, attend, on_heads
+from lmlab.model.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from lmlab.model.norms import NormPoints, hooked_norm
 from lmlab.model.points import HookPoint, collect_hook_points
 from lmlab.model.registry import model_dir, resolve, verify_weights
-from lmlab.model.tokenizers import HFTokenizer, load_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
