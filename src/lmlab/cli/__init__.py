@@ -101,7 +101,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.runs.store import format_table, resolve_run, summaries, summary
+    from lmlab.runs.listing import format_table, resolve_run, summaries, summary
 
     if args.runs_command == "list":
         rows = summaries(args.root)

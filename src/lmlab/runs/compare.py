@@ -17,7 +17,7 @@ from lmlab.config import diff_configs
 from lmlab.errors import LmlabError
 from lmlab.records import effective_status, read_manifest, read_metrics
 from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands, token_budget
-from lmlab.runs.store import format_table, resolve_run
+from lmlab.runs.listing import format_table, resolve_run
 
 
 def _short(h: Any) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics, scalars
-from lmlab.runs.store import find_runs, resolve_run
+from lmlab.runs.listing import find_runs, resolve_run
 
 X_AXES = ("step", "tokens", "time")
 LOG_SPAN = 20.0  # max/min ratio from which a panel is drawn on a log scale (over a decade)
