@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lmlab.hooks.listing import hooks_list
+from lmlab.hooks.inventory import hooks_list
 
 
 def cmd_hooks_list(args: argparse.Namespace) -> None:
