@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 
 
 def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str]]:
@@ -31,7 +31,7 @@ def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str
                 missing.append(f"left out {r['key']}: status {r['status']}, no run folder")
                 continue
             run = load_run(run_dir)
-            if r["status"] != store.FINISHED:
+            if r["status"] != folder.FINISHED:
                 run["status"] = r["status"]
             groups[r["variant"]].append(run)
         blocks[where] = groups
@@ -40,17 +40,17 @@ def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str
 
 def report(sweep_dir: str | Path, metric: str = "final_val", plot: str | Path | None = None,
            as_json: bool = False) -> str:
-    index = store.load(sweep_dir)
+    index = folder.load(sweep_dir)
     blocks, missing = _blocks(index)
     result = aggregate(blocks, index["baseline"], metric)
     result["warnings"] = missing + result["warnings"]
-    result |= {"sweep_id": index["sweep_id"], "status": store.counts(index)}
+    result |= {"sweep_id": index["sweep_id"], "status": folder.counts(index)}
     if plot is not None:
         result["plot"] = str(plot_bands(blocks, plot, f"sweep {index['sweep_id']}: val loss, "
                                                       "mean and 95% interval over seeds"))
     if as_json:
         return json.dumps(result, indent=2)
-    c = store.counts(index)
+    c = folder.counts(index)
     head = (f"Sweep {index['sweep_id']}: {c['finished']}/{len(index['runs'])} runs finished; "
             f"metric {metric} (val loss, nats/token; lower is better); baseline "
             f"{index['baseline']}.")

@@ -22,7 +22,7 @@ from typing import Any
 from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import list_checkpoints
 from lmlab.records import read_manifest
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 from lmlab.sweeps.executors import LocalExecutor, RayExecutor, check_reachable
 from lmlab.sweeps.spec import check_setups, load_sweep
 from lmlab.sweeps.worker import EXIT_INTERRUPTED
@@ -43,7 +43,7 @@ def start(file: str | Path, root: str | Path = "sweeps", jobs: int = DEFAULT_JOB
     check_setups(sweep)
     if backend == "ray" and address:
         check_reachable(address)
-    d = store.create(sweep, root, file)
+    d = folder.create(sweep, root, file)
     out(f"Sweep {d.name}: {len(sweep.runs)} runs ({len(sweep.variants)} variants x "
         f"{len(sweep.points)} points x {len(sweep.seeds)} seeds) in {d}")
     execute(d, jobs, threads, backend, address, retries, out)
@@ -55,7 +55,7 @@ def resume(sweep_dir: str | Path, jobs: int | None = None, threads: int | None =
            out: Callable[[str], None] = print) -> Path:
     """Continue a sweep: the settings it last ran with unless others are given."""
     d = Path(sweep_dir)
-    index = store.load(d)
+    index = folder.load(d)
     jobs = jobs or index.get("jobs", DEFAULT_JOBS)
     threads = threads or index.get("threads_per_job", DEFAULT_THREADS)
     backend = backend or index.get("backend", "local")
@@ -89,7 +89,7 @@ def _wait_for_leftover(d: Path, key: str, out: Callable[[str], None]) -> None:
 def reconcile(d: Path, index: dict[str, Any], out: Callable[[str], None]) -> None:
     """Bring the index up to date with the run folders (after a kill, runs may have moved on)."""
     for r in index["runs"]:
-        if r["status"] == store.FINISHED:
+        if r["status"] == folder.FINISHED:
             continue
         _wait_for_leftover(d, r["key"], out)
         claim = d / "claims" / f"{r['key']}.json"
@@ -98,11 +98,11 @@ def reconcile(d: Path, index: dict[str, Any], out: Callable[[str], None]) -> Non
             r["run_id"], r["run_dir"] = c["run_id"], c["run_dir"]
         if r["run_dir"] and (Path(r["run_dir"]) / "manifest.json").is_file():
             status = read_manifest(Path(r["run_dir"])).get("status")
-            if status == store.FINISHED:
-                r["status"] = store.FINISHED
+            if status == folder.FINISHED:
+                r["status"] = folder.FINISHED
                 continue
-        if r["status"] == store.RUNNING:
-            r["status"] = store.INTERRUPTED
+        if r["status"] == folder.RUNNING:
+            r["status"] = folder.INTERRUPTED
 
 
 def job_for(r: dict[str, Any], index: dict[str, Any]) -> dict[str, Any]:
@@ -137,13 +137,13 @@ def _raise_interrupt(signum, frame) -> None:
 
 def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
             retries: int, out: Callable[[str], None] = print) -> dict[str, Any]:
-    index = store.load(d)
+    index = folder.load(d)
     index.update(jobs=jobs, threads_per_job=threads, backend=backend, address=address,
                  driver_pid=os.getpid())
     reconcile(d, index, out)
-    store.save(d, index)
+    folder.save(d, index)
     by_key = {r["key"]: r for r in index["runs"]}
-    queue = [r["key"] for r in index["runs"] if r["status"] != store.FINISHED]
+    queue = [r["key"] for r in index["runs"] if r["status"] != folder.FINISHED]
     if not queue:
         out(f"All {len(index['runs'])} runs are finished. Report: lmlab sweep report {d}")
         return index
@@ -157,18 +157,18 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         started_at = started.pop(o.key)
         r["run_id"], r["run_dir"] = o.run_id or r["run_id"], o.run_dir or r["run_dir"]
         if o.rc == 0:
-            r["status"], r["wall_s"] = store.FINISHED, round(time.monotonic() - started_at, 2)
+            r["status"], r["wall_s"] = folder.FINISHED, round(time.monotonic() - started_at, 2)
         elif o.rc == EXIT_INTERRUPTED or o.rc < 0:
-            r["status"] = store.INTERRUPTED
+            r["status"] = folder.INTERRUPTED
         else:
-            r["status"] = store.FAILED
+            r["status"] = folder.FAILED
             out(f"{o.key} failed (exit {o.rc}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
             if tries[o.key] <= retries:
-                r["status"] = store.PENDING
+                r["status"] = folder.PENDING
                 queue.append(o.key)
                 out(f"{o.key}: retry {tries[o.key]} of {retries}")
-        store.save(d, index)
-        out(f"{o.key} {r['status']} [{store.status_line(index, jobs)}]")
+        folder.save(d, index)
+        out(f"{o.key} {r['status']} [{folder.status_line(index, jobs)}]")
 
     try:
         while queue or started:
@@ -177,12 +177,12 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
                 r = by_key[key]
                 job = job_for(r, index)
                 tries[key] = tries.get(key, 0) + 1
-                r["status"], r["attempts"] = store.RUNNING, r["attempts"] + 1
+                r["status"], r["attempts"] = folder.RUNNING, r["attempts"] + 1
                 started[key] = time.monotonic()
                 executor.start(key, job)
-                store.save(d, index)
+                folder.save(d, index)
                 out(f"{key} started" + (" (resuming)" if job["resume"] else "") +
-                    f" [{store.status_line(index, jobs)}]")
+                    f" [{folder.status_line(index, jobs)}]")
             for o in executor.poll(1.0):
                 finish(o)
             changed = False
@@ -192,7 +192,7 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
                     by_key[key]["run_id"], by_key[key]["run_dir"] = c["run_id"], c["run_dir"]
                     changed = True
             if changed:
-                store.save(d, index)
+                folder.save(d, index)
     except KeyboardInterrupt:
         out(f"Interrupted: asking {len(started)} running run(s) to save a checkpoint and stop "
             "(Ctrl-C again to kill them)...")
@@ -205,18 +205,18 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         except KeyboardInterrupt:
             executor.kill()
             for key in list(started):
-                by_key[key]["status"] = store.INTERRUPTED
-        store.save(d, index)
-        raise SweepInterrupted(f"Sweep stopped: {store.status_line(index, jobs)}. "
+                by_key[key]["status"] = folder.INTERRUPTED
+        folder.save(d, index)
+        raise SweepInterrupted(f"Sweep stopped: {folder.status_line(index, jobs)}. "
                                f"Resume with: lmlab sweep resume {d}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         executor.close()
-    c = store.counts(index)
-    if c[store.FAILED]:
-        failed = [r["key"] for r in index["runs"] if r["status"] == store.FAILED]
-        out(f"{c[store.FAILED]} run(s) failed: {', '.join(failed)} (logs in {d / 'logs'}). "
+    c = folder.counts(index)
+    if c[folder.FAILED]:
+        failed = [r["key"] for r in index["runs"] if r["status"] == folder.FAILED]
+        out(f"{c[folder.FAILED]} run(s) failed: {', '.join(failed)} (logs in {d / 'logs'}). "
             f"Retry with: lmlab sweep resume {d}")
-    out(f"Sweep {index['sweep_id']}: {store.status_line(index, jobs)}. "
+    out(f"Sweep {index['sweep_id']}: {folder.status_line(index, jobs)}. "
         f"Report: lmlab sweep report {d}")
     return index
