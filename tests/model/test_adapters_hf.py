@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class, supported_architectures
 from lmlab.model.adapters.gemma3 import Gemma3Adapter
 from lmlab.model.adapters.llama import LlamaAdapter
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(name: str, root: Path):
-    entry = registry.resolve(name, root)
+    entry = catalog.resolve(name, root)
     return adapter_class(entry["architecture_type"]).from_registry(entry, None)
 
 
@@ -50,7 +50,7 @@ def shared_root(tmp_path_factory, qwen_tokenizer_dir):
 
 @pytest.fixture(params=KINDS)
 def imported(request, shared_root):
-    """A fresh adapter per test (hooks never leak between tests), from the shared registry."""
+    """A fresh adapter per test (hooks never leak between tests), from the shared catalog."""
     root, folders = shared_root
     kind = request.param
     return kind, folders[kind], load(f"tiny-{kind}", root).eval()
@@ -242,13 +242,13 @@ def test_bf16_weights_load_as_float32_by_default(hf_folder_factory, models_root)
     class Cfg:
         dtype = "bfloat16"
 
-    entry = registry.resolve("bf", models_root)
+    entry = catalog.resolve("bf", models_root)
     assert {p.dtype for p in QwenAdapter.from_registry(entry, Cfg()).parameters()} == {
         torch.bfloat16}
 
 
 def test_qwen_tokenizer_is_the_real_one(shared_root, monkeypatch) -> None:
-    from lmlab.model.registry import load_tokenizer
+    from lmlab.model.catalog import load_tokenizer
 
     root, _ = shared_root
     monkeypatch.setenv("LMLAB_MODELS_DIR", str(root))

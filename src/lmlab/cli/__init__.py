@@ -23,7 +23,7 @@ from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.prepare import prepare
-    from lmlab.model.registry import load_tokenizer
+    from lmlab.model.catalog import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     meta = prepare(args.sources or ["shakespeare"], args.out, unknown=args.unknown,

@@ -17,9 +17,9 @@ def build_adapter(cfg: Config, vocab_size: int | None = None) -> BaseAdapter:
     if m.model_name is None:
         return CustomTransformerAdapter(TransformerConfig(
             **dataclasses.asdict(m), vocab_size=vocab_size or 97, block_size=cfg.data.block_size))
-    from lmlab.model import registry
+    from lmlab.model import catalog
 
-    entry = registry.resolve(m.model_name)
+    entry = catalog.resolve(m.model_name)
     adapter = adapter_class(entry["architecture_type"]).from_registry(entry, m)
     adapter.block_size = cfg.data.block_size
     ft = cfg.train.finetune

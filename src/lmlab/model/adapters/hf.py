@@ -36,10 +36,10 @@ from torch import nn
 from lmlab.errors import LmlabError
 from lmlab.model.adapters.base import BaseAdapter
 from lmlab.model.attention import KVCache, add_attention_points, attend, on_heads
+from lmlab.model.catalog import model_dir, resolve, verify_weights
 from lmlab.model.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from lmlab.model.norms import NormPoints, hooked_norm
 from lmlab.model.points import HookPoint, collect_hook_points
-from lmlab.model.registry import model_dir, resolve, verify_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
