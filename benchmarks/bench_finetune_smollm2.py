@@ -314,16 +314,16 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from lmlab.model import registry
+    from lmlab.model import catalog
     from lmlab.model.adapters import adapter_class
     from lmlab.model.importer import import_model
 
     root = Path(args.models_dir) if args.models_dir else Path(tempfile.mkdtemp()) / "models"
     name = "smollm2-135m-instruct"
     t0 = time.perf_counter()
-    if name not in registry.load_registry(root):
+    if name not in catalog.load_registry(root):
         import_model(str(gguf_path()), name=name, root=root)
-    entry = registry.resolve(name, root)
+    entry = catalog.resolve(name, root)
     if args.memory_of:
         return memory_of(args.memory_of, args, entry)
     print(f"model {name}: {entry['num_params'] / 1e6:.1f}M params (ready in "

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             tr = trains.get(r["step"], {})
             print(f"{r['step']:>6}{r['time']:>9.1f}{tr.get('loss', float('nan')):>9.4f}"
                   f"{r['val_loss']:>9.4f}{tr.get('tokens_per_s', 0):>9,}")
-        trainer.cfg.train.eval_batches = None  # the same evaluation, on every val window
+        trainer.state.cfg.train.eval_batches = None  # the same evaluation, on every val window
         final = trainer.evaluate()
         wall = evals[-1]["time"] if evals else float("nan")
         hit = next((r for r in evals if r["val_loss"] <= args.target), None)

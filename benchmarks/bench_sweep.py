@@ -28,8 +28,8 @@ import yaml
 from machine import describe
 
 from lmlab.records import read_manifest
+from lmlab.sweeps import folder
 from lmlab.sweeps import run as sweep_run
-from lmlab.sweeps import store
 
 SHARED_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -60,7 +60,7 @@ def measure(tmp: Path, data: str, runs: int, steps: int, jobs: int, threads: int
     t0 = time.perf_counter()
     d = sweep_run.start(path, tmp / "sweeps", jobs=jobs, threads=threads, out=lambda _: None)
     wall = time.perf_counter() - t0
-    index = store.load(d)
+    index = folder.load(d)
     overheads, train = [], []
     for r in index["runs"]:
         inside = read_manifest(Path(r["run_dir"]))["final"]["wall_s"]

@@ -68,13 +68,13 @@ def main() -> None:
         "off": common,
         "on": common + [f"telemetry.every={args.every}", *TELEMETRY_ON],
     }
-    trainers = {}
+    runners, trainers = {}, {}
     for key, overrides in variants.items():
         cfg = load_config("char-tiny", overrides + [f"run.name=telemetry-{key}"])
-        tr = Trainer(cfg, progress=False)
+        runners[key] = Trainer(cfg, progress=False)
+        tr = trainers[key] = runners[key].state
         tr.run_dir.mkdir(parents=True)
         tr.model.train()
-        trainers[key] = tr
     cfg = trainers["base"].cfg
 
     def run(key: str, steps: int) -> list[float]:
@@ -82,7 +82,7 @@ def main() -> None:
         tr, out = trainers[key], []
         for _ in range(steps):
             t0 = time.perf_counter()
-            loss, _ = tr._train_step()
+            loss = runners[key].step(cfg.train.lr).loss
             tr.step += 1
             if tr.step % cfg.train.log_every == 0:
                 tr.metrics.write(kind="train", step=tr.step, loss=loss, lr=cfg.train.lr,

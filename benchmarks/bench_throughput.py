@@ -95,24 +95,25 @@ def lmlab_step(data: Path, model: str, runs: Path, lean: bool = False,
                foreach: bool = False, **train: object) -> Callable[[], None]:
     """One lmlab training step as the Trainer runs it (lr, micro-batches, clip, update)."""
     trainer = Trainer(lmlab_config(data, model, runs, **train), progress=False)
-    trainer.model.train()
+    s = trainer.state
+    s.model.train()
     if foreach:
         from torch.optim import AdamW
 
-        trainer.optimizer = AdamW(trainer.optimizer.param_groups, lr=LR, betas=(0.9, 0.99),
+        s.optimizer = AdamW(s.optimizer.param_groups, lr=LR, betas=(0.9, 0.99),
                                   foreach=True)
 
     def step() -> None:
-        set_lr(trainer.optimizer, LR * trainer.lr_mult(trainer.step))
+        set_lr(s.optimizer, LR * s.lr_mult(s.step))
         if lean:  # the same maths without the loop's per-step bookkeeping
-            x, y = trainer.batcher.next()
-            cross_entropy(trainer.model(x), y).backward()
-            torch.nn.utils.clip_grad_norm_(trainer.adapter.parameters(), 1.0)
-            trainer.optimizer.step()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            x, y = s.batcher.next()
+            cross_entropy(s.model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(s.adapter.parameters(), 1.0)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
         else:
-            trainer._train_step()
-        trainer.step += 1
+            trainer.step(LR * s.lr_mult(s.step))
+        s.step += 1
 
     return step
 

@@ -129,10 +129,10 @@ def run_lmlab(name: str, data: Path, budget: float, threads: int | None, out: Pa
         t.threads = threads
     t.eval_batches = max(1, round(EVAL_TOKENS / (cfg.data.block_size * t.batch_size)))
     probe = Trainer(cfg, progress=False)  # 10 timed steps set how often to evaluate
-    probe._train_step()
+    probe.step(t.lr)
     t0 = time.perf_counter()
     for _ in range(10):
-        probe._train_step()
+        probe.step(t.lr)
     per_step = (time.perf_counter() - t0) / 10
     del probe
     t.eval_every = max(1, int(budget / EVALS / per_step))
@@ -141,10 +141,10 @@ def run_lmlab(name: str, data: Path, budget: float, threads: int | None, out: Pa
     records = read_metrics(run_dir)
     curve = [(r["step"], r["time"], r["val_loss"]) for r in records if r["kind"] == "eval"]
     steps = curve[-1][0]
-    trainer.cfg.train.eval_batches = None
+    trainer.state.cfg.train.eval_batches = None
     return {"curve": curve, "steps": steps,
             "tokens": steps * t.batch_size * t.grad_accum * cfg.data.block_size,
-            "final": trainer.evaluate()["val_loss"], "dtype": trainer.dtype,
+            "final": trainer.evaluate()["val_loss"], "dtype": trainer.state.dtype,
             "note": f"{cfg.model.n_layer}x{cfg.model.n_head}x{cfg.model.d_model} "
                     f"ctx {cfg.data.block_size} batch {t.batch_size} {t.optimizer} {t.schedule}"}
 

@@ -177,7 +177,7 @@ def points_page() -> str:
 
 def hooks_page() -> str:
     from lmlab.hooks import registry
-    from lmlab.hooks.cli import KIND_HELP
+    from lmlab.hooks.inventory import KIND_HELP
 
     registry.load_builtins()
     out = ["# Built-in hooks", "",

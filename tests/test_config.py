@@ -173,3 +173,51 @@ def test_exponent_numbers_are_numbers_and_ready_configs_read_as_before(tmp_path:
         load_config(str(path))
     for ready in CONFIG_DIR.glob("*.yaml"):  # so every ready config keeps its hash
         assert load_yaml(ready.read_text()) == yaml.safe_load(ready.read_text()), ready
+
+
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of a config dataclass as a dotted path, nested sections' keys included."""
+    import dataclasses
+    import typing
+
+    out = []
+    for name, tp in typing.get_type_hints(cls).items():
+        out += _keys(tp, f"{prefix}{name}.") if dataclasses.is_dataclass(tp) else [prefix + name]
+    return out
+
+
+def test_every_key_is_of_the_first_release_or_has_a_row_in_the_added_table():
+    from lmlab.config import ADDED, FIRST_RELEASE, SCHEMA_VERSION, Config
+
+    rows = {path for path, _, _ in ADDED}
+    first = {f"{section}.{key}" for section, keys in FIRST_RELEASE.items() for key in keys}
+    for path in _keys(Config):
+        covered = path in first or any(path == r or path.startswith(r + ".") for r in rows)
+        assert covered, (f"config key {path} is neither of the first release nor in "
+                         "config.ADDED: add a row (path, its literal default, SCHEMA_VERSION + 1)"
+                         " so that every existing hash holds")
+    assert first.isdisjoint(rows) and first <= set(_keys(Config))
+    assert SCHEMA_VERSION == max(version for *_, version in ADDED)
+    cfg = Config().to_dict()
+    for path, default, _ in ADDED:  # each row names a real key or section
+        node = cfg
+        for name in path.split("."):
+            node = node[name]
+        assert isinstance(node, dict) or node is None or default is None or \
+            type(node) is type(default), path
+
+
+def test_a_checkpoint_config_that_no_longer_validates_is_an_error_not_swallowed():
+    from lmlab.hooks.manager import ExperimentHooks
+    from lmlab.model.adapters.custom import CustomTransformerAdapter
+    from lmlab.model.transformer import TransformerConfig
+    from lmlab.train.state import Checkpoint, check_resume
+
+    cfg = from_dict({})
+    bad = cfg.to_dict()
+    bad["model"]["n_head"] = 3  # 128 is not divisible by 3
+    ckpt = Checkpoint.from_dict({"config": bad, "model": {}, "optimizer": {}, "step": 1,
+                                 "rng": {}, "run_id": "r", "model_config": {}, "model_meta": {}})
+    adapter = CustomTransformerAdapter(TransformerConfig(n_layer=1, d_model=16, n_head=2, d_ff=32))
+    with pytest.raises(LmlabError, match="not valid in this lmlab.*divisible"):
+        check_resume(ckpt, cfg, ExperimentHooks(cfg.hooks, adapter), None, 1, allow=True)

@@ -72,24 +72,26 @@ def train(config: ConfigLike = None, overrides: Overrides = None, *,
     to continue exactly (its own config unless `config` is given).
     """
     from lmlab.records import read_manifest
-    from lmlab.train.loop import Trainer, config_for_resume
+    from lmlab.train.loop import Trainer
+    from lmlab.train.state import Checkpoint, config_for_resume
 
-    if resume is not None:
+    checkpoint = Checkpoint.load(str(resume)) if resume is not None else None  # loaded once
+    if checkpoint is not None:
         base = None if config is None else resolve_config(config).to_dict()
         strings = overrides if isinstance(overrides, list) else [
             f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
-        cfg = config_for_resume(str(resume), base, strings)
+        cfg = config_for_resume(checkpoint, base, strings)
     else:
         cfg = resolve_config(config, overrides)
-    trainer = Trainer(cfg, resume=None if resume is None else str(resume),
-                      allow_config_change=allow_config_change, progress=progress)
-    if trainer.dist.is_main:
-        verb = f"Resuming run {trainer.run_id} at step {trainer.step}" if resume else \
-            f"Run {trainer.run_id}"
-        print(f"{verb}: {trainer.run_dir} ({trainer.adapter.num_params():,} parameters, "
-              f"{trainer.device}, {trainer.dtype})", flush=True)
+    trainer = Trainer(cfg, resume=checkpoint, allow_config_change=allow_config_change,
+                      progress=progress)
+    s = trainer.state
+    if s.dist.is_main:
+        verb = f"Resuming run {s.run_id} at step {s.step}" if resume else f"Run {s.run_id}"
+        print(f"{verb}: {s.run_dir} ({s.adapter.num_params():,} parameters, "
+              f"{s.device}, {s.dtype})", flush=True)
     run_dir = trainer.run()
-    if trainer.dist.is_main:
+    if s.dist.is_main:
         print(f"Run {run_dir.name} {read_manifest(run_dir)['status']}: {run_dir}", flush=True)
     return Run(run_dir)
 
@@ -102,7 +104,7 @@ class Run:
 
     def __init__(self, path: str | Path, root: str | Path = "runs") -> None:
         """`path`: a run folder, or a run id (or a unique part of one) under `root`."""
-        from lmlab.runs.store import resolve_run
+        from lmlab.runs.listing import resolve_run
 
         p = Path(path)
         if p.is_dir() and not (p / "manifest.json").is_file():
@@ -191,17 +193,17 @@ def load_model(source: str | Path | Run, device: str = "cpu",
         adapter, ckpt = load_adapter(target, resolve_device(device), models_root)
         adapter.block_size = ckpt["config"]["data"]["block_size"]
     else:
-        from lmlab.model import registry
+        from lmlab.model import catalog
         from lmlab.model.adapters import adapter_class
 
         name = str(source)
-        known = sorted(registry.load_registry(models_root))
+        known = sorted(catalog.load_registry(models_root))
         if name not in known:
             raise LmlabError(
                 f"'{name}' is neither a run folder, a checkpoint file nor a registered model. "
-                f"Registered models in {registry.models_root(models_root)}: "
+                f"Registered models in {catalog.models_root(models_root)}: "
                 f"{', '.join(known) or 'none yet'}; import one with `lmlab import-model`.")
-        entry = registry.resolve(name, models_root)
+        entry = catalog.resolve(name, models_root)
         adapter = adapter_class(entry["architecture_type"]).from_registry(entry)
         adapter = adapter.to(resolve_device(device))
     adapter.generate = types.MethodType(_generate, adapter)
@@ -224,9 +226,9 @@ class Sweep:
     @property
     def index(self) -> dict[str, Any]:
         """index.json: the sweep's runs with their variant, point, seed and status."""
-        from lmlab.sweeps import store
+        from lmlab.sweeps import folder
 
-        return store.load(self.path)
+        return folder.load(self.path)
 
     @property
     def runs(self) -> list[Run]:

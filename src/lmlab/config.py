@@ -30,11 +30,8 @@ DEFAULT_CONFIG = "default"  # the speedrun recipe on a demo-sized time budget
 
 
 def added(default: Any) -> Any:
-    """A field added after configs were hashed: one of LATER_KEYS, out of the hash at its default.
-
-    So every existing config keeps its hash, and a checkpoint saved before the
-    key existed resumes (its absent key reads as the default).
-    """
+    """A field added after the first release. Declaring it so is not enough: give it a row in
+    ADDED (below) with this literal default, or test_config fails and says so."""
     return field(default=default, metadata={"added": True})
 
 
@@ -64,14 +61,14 @@ class ModelConfig:
     pos_encoding: Literal["learned", "sinusoidal", "rotary"] = "learned"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # the speedrun knobs (README "Time to quality"); defaults are nanoGPT's model
-    norm: Literal["layernorm", "rmsnorm"] = added("layernorm")
-    mlp: Literal["gelu", "relu2", "swiglu"] = added("gelu")
-    qk_norm: bool = added(False)
-    tie_embeddings: bool = added(True)
-    logit_softcap: float | None = added(None)
-    zero_init_proj: bool = added(False)
-    value_embed: bool = added(False)
-    embed_skip: bool = added(False)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    logit_softcap: float | None = None
+    zero_init_proj: bool = False
+    value_embed: bool = False
+    embed_skip: bool = False
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -97,13 +94,13 @@ class TrainConfig:
     min_lr: float = 1.0e-4
     warmup_steps: int = 100
     schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    decay_fraction: float = added(0.2)  # wsd: the last fraction of training decays to min_lr
-    time_budget_s: float | None = added(None)  # stop by training wall time; drives the schedule
+    decay_fraction: float = 0.2  # wsd: the last fraction of training decays to min_lr
+    time_budget_s: float | None = None  # stop by training wall time; drives the schedule
     optimizer: Literal["adamw", "sgd", "lion", "muon"] = "adamw"
-    muon_lr: float | None = added(None)  # lr of Muon's matrices (null: train.lr)
-    embed_lr: float | None = added(None)  # lr of the embedding tables (null: train.lr)
+    muon_lr: float | None = None  # lr of Muon's matrices (null: train.lr)
+    embed_lr: float | None = None  # lr of the embedding tables (null: train.lr)
     # Muon's Newton-Schulz in bf16 (torch's), fp32, or auto: bf16 only where it is fast
-    muon_ns_dtype: Literal["bfloat16", "float32", "auto"] = added("bfloat16")
+    muon_ns_dtype: Literal["bfloat16", "float32", "auto"] = "bfloat16"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -186,27 +183,88 @@ BOOKKEEPING = [("run", "name"), ("run", "seed"), ("run", "out_dir"), ("train", "
                ("train", "parallel"), ("run", "tensorboard"),
                ("train", "activation_checkpointing")]
 
-# Keys added after runs were made, with the default every earlier run had in effect. A key at
-# that default is left out of the hashes, so an earlier run's hashes stay what they were.
-LATER_KEYS = {("train", "on_nonfinite"): "stop", ("train", "max_nonfinite_skips"): 10,
-              ("run", "tensorboard"): True, ("train", "activation_checkpointing"): False,
-              ("train", "finetune"): dataclasses.asdict(FinetuneConfig()),
-              **{("telemetry", k): v for k, v in dataclasses.asdict(TelemetryConfig()).items()},
-              **{(section, f.name): f.default  # the fields declared with `added`
-                 for section, cls in (("model", ModelConfig), ("train", TrainConfig))
-                 for f in dataclasses.fields(cls) if f.metadata.get("added")}}
-LATER_SECTIONS = ("telemetry",)
+# --- hashing: the schema's history ------------------------------------------------
+#
+# A config's hash must not move when the schema grows, or every earlier run would stop
+# matching its own re-run. So each key added after the first release has a row here: its
+# path, the literal default it had when it was added (what every earlier run had in
+# effect), and the schema version that added it. A key at that default is left out of the
+# hash; one set otherwise is hashed. A row's default is a literal and never changes, even
+# if the dataclass default later does: then configs at the new default hash differently
+# from earlier runs, as they should, since they differ.
+#
+# To add a config key: declare the field (any section, nested ones included), append a row
+# with the same default and SCHEMA_VERSION + 1, and bump SCHEMA_VERSION. test_config checks
+# that every field is either in FIRST_RELEASE or here, with this default.
+#
+# A whole sub-mapping added at once (train.finetune) has one row holding its default
+# mapping: it is hashed whole once set, as it always was. Fields added to it later get rows
+# of their own (train.finetune.new_key), which are dropped first.
+
+SCHEMA_VERSION = 7
+
+ADDED: list[tuple[str, Any, int]] = [
+    # (path, literal default when added, schema version)
+    ("train.finetune", {"method": "full", "r": 16, "alpha": 32.0, "dropout": 0.0,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj"]}, 2),
+    ("train.activation_checkpointing", False, 2),
+    ("run.tensorboard", True, 3),
+    ("telemetry", {}, 3),  # the section, once its keys below are dropped
+    ("telemetry.every", 0, 3),
+    ("telemetry.params", True, 3),
+    ("telemetry.activations", [], 3),
+    ("telemetry.attention", True, 3),
+    ("telemetry.logits", True, 3),
+    ("telemetry.histograms", False, 3),
+    ("train.on_nonfinite", "stop", 4),
+    ("train.max_nonfinite_skips", 10, 4),
+    ("model.norm", "layernorm", 5),
+    ("model.mlp", "gelu", 5),
+    ("model.qk_norm", False, 5),
+    ("model.tie_embeddings", True, 5),
+    ("model.logit_softcap", None, 5),
+    ("model.zero_init_proj", False, 5),
+    ("model.value_embed", False, 5),
+    ("model.embed_skip", False, 5),
+    ("train.decay_fraction", 0.2, 5),
+    ("train.time_budget_s", None, 5),
+    ("train.muon_lr", None, 5),
+    ("train.muon_ns_dtype", "bfloat16", 6),
+    ("train.embed_lr", None, 7),
+]
+
+# every key of the first release (schema version 1): always hashed
+FIRST_RELEASE = {
+    "run": ["name", "seed", "out_dir"],
+    "data": ["path", "block_size"],
+    "model": ["model_name", "n_layer", "n_head", "d_model", "d_ff", "dropout", "bias",
+              "pos_encoding", "dtype"],
+    "train": ["batch_size", "grad_accum", "max_steps", "lr", "min_lr", "warmup_steps",
+              "schedule", "optimizer", "weight_decay", "beta1", "beta2", "momentum", "grad_clip",
+              "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every",
+              "sample_every", "device", "parallel", "dtype", "compile", "threads"],
+    "hooks": ["forward", "backward", "update", "aux_losses", "plugins"],
+}
+
+
+def _drop_added_defaults(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` without the later-added keys that hold the default they were added with."""
+    d = copy.deepcopy(d)
+    for path, default, _ in sorted(ADDED, key=lambda row: -row[0].count(".")):  # deepest first
+        *parents, key = path.split(".")
+        node = d
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key, default) == default:
+            node.pop(key, None)
+    return d
 
 
 def config_hash(d: dict[str, Any]) -> str:
-    d = copy.deepcopy(d)
-    for (section, key), default in LATER_KEYS.items():
-        if section in d and d[section].get(key, default) == default:
-            d[section].pop(key, None)
-    for section in LATER_SECTIONS:  # a section added later, at its defaults throughout
-        if d.get(section) == {}:
-            d.pop(section)
-    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+    """sha256 of the config with its later-added keys at their added defaults left out."""
+    blob = json.dumps(_drop_added_defaults(d), sort_keys=True, separators=(",", ":"),
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -238,18 +296,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             + did_you_mean(str(value), choices)
         )
     if isinstance(tp, types.UnionType) or origin is typing.Union:
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        for arg in typing.get_args(tp):
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except LmlabError:
-                pass
-        raise LmlabError(
-            f"Config value {where} = {value!r} has the wrong type: it must be {_type_name(tp)}."
-        )
+        return _coerce_union(value, tp, where)
     if origin is list:
         if not isinstance(value, list):
             raise LmlabError(f"Config value {where} must be a list, not {value!r}.")
@@ -257,6 +304,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if item_tp is Any:
             return value
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    return _coerce_plain(value, tp, where)
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    """The first arm of `tp` (`A | B | None`) that accepts `value`."""
+    if value is None and type(None) in typing.get_args(tp):
+        return None
+    for arg in typing.get_args(tp):
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except LmlabError:  # not this arm; the error below names them all
+            pass
+    raise LmlabError(
+        f"Config value {where} = {value!r} has the wrong type: it must be {_type_name(tp)}."
+    )
+
+
+def _coerce_plain(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is dict and isinstance(value, dict):
@@ -299,6 +366,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _check_values(cfg: Config) -> None:
+    for check in (_check_sizes, _check_model, _check_rates, _check_finetune, _check_telemetry,
+                  _check_hooks):
+        check(cfg)
+
+
+def _check_sizes(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     positive = {
         "data.block_size": cfg.data.block_size,
@@ -313,6 +386,12 @@ def _check_values(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise LmlabError(f"Config value {key} = {value} must be positive.")
+    if t.max_nonfinite_skips < 1:
+        raise LmlabError(f"train.max_nonfinite_skips = {t.max_nonfinite_skips} must be >= 1.")
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
     if m.model_name is None and m.d_model % m.n_head:
         raise LmlabError(
             f"model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})."
@@ -321,9 +400,18 @@ def _check_values(cfg: Config) -> None:
         raise LmlabError("Rotary positions need an even head size (model.d_model / model.n_head).")
     if not 0.0 <= m.dropout < 1.0:
         raise LmlabError(f"model.dropout = {m.dropout} must be in [0, 1).")
+    if m.model_name is not None:
+        for path, default, _ in ADDED:
+            section, _, key = path.partition(".")
+            if section == "model" and getattr(m, key) != default:
+                raise LmlabError(f"model.{key} shapes the from-scratch model only; "
+                                 f"{m.model_name} is pretrained: leave it at {default!r}.")
+
+
+def _check_rates(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
     if t.lr <= 0:
         raise LmlabError(f"train.lr = {t.lr} must be positive.")
-    _check_finetune(cfg)
     positive = {"model.logit_softcap": m.logit_softcap, "train.muon_lr": t.muon_lr,
                 "train.embed_lr": t.embed_lr, "train.time_budget_s": t.time_budget_s}
     for key, value in positive.items():
@@ -331,26 +419,25 @@ def _check_values(cfg: Config) -> None:
             raise LmlabError(f"Config value {key} = {value} must be positive (or null).")
     if not 0.0 <= t.decay_fraction <= 1.0:
         raise LmlabError(f"train.decay_fraction = {t.decay_fraction} must be in [0, 1].")
-    if m.model_name is not None:
-        for f in dataclasses.fields(m):
-            if f.metadata.get("added") and getattr(m, f.name) != f.default:
-                raise LmlabError(f"model.{f.name} shapes the from-scratch model only; "
-                                 f"{m.model_name} is pretrained: leave it at {f.default!r}.")
+    if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
+        raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
+                         "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
+                         "with fsdp, or train.parallel=ddp with muon.")
+
+
+def _check_telemetry(cfg: Config) -> None:
     if cfg.telemetry.every < 0:
         raise LmlabError(f"telemetry.every = {cfg.telemetry.every} must be 0 (off) or a "
                          "positive number of steps between measurements.")
     if cfg.telemetry.histograms and not cfg.run.tensorboard:
         raise LmlabError("telemetry.histograms go to TensorBoard only, which run.tensorboard=false "
                          "turns off; set one of them the other way.")
-    if t.max_nonfinite_skips < 1:
-        raise LmlabError(f"train.max_nonfinite_skips = {t.max_nonfinite_skips} must be >= 1.")
+
+
+def _check_hooks(cfg: Config) -> None:
     for kind in ("forward", "backward", "update", "aux_losses"):
         for i, entry in enumerate(getattr(cfg.hooks, kind)):
             check_hook_entry(kind, entry, f"hooks.{kind}[{i}]")
-    if t.parallel == "fsdp" and t.optimizer == "muon":  # refused here, not on the Nth rank
-        raise LmlabError("train.optimizer=muon orthogonalises whole matrices, which "
-                         "train.parallel=fsdp splits across ranks; use adamw, sgd or lion "
-                         "with fsdp, or train.parallel=ddp with muon.")
 
 
 def _check_finetune(cfg: Config) -> None:

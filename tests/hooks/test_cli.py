@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmlab.hooks.cli import add_commands
+from lmlab.cli.hooks import add_commands
 
 
 def run_cli(argv: list[str]) -> None:

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class, supported_architectures
 from lmlab.model.adapters.gemma3 import Gemma3Adapter
-from lmlab.model.adapters.hf import HFKVCache
 from lmlab.model.adapters.llama import LlamaAdapter
 from lmlab.model.adapters.qwen import QwenAdapter
-from lmlab.model.attention import visible
+from lmlab.model.attention import KVCache, visible
 from lmlab.model.importer import import_model
 from lmlab.model.points import collect_hook_points
 from lmlab.model.transformer import Transformer, TransformerConfig
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load(name: str, root: Path):
-    entry = registry.resolve(name, root)
+    entry = catalog.resolve(name, root)
     return adapter_class(entry["architecture_type"]).from_registry(entry, None)
 
 
@@ -51,7 +50,7 @@ def shared_root(tmp_path_factory, qwen_tokenizer_dir):
 
 @pytest.fixture(params=KINDS)
 def imported(request, shared_root):
-    """A fresh adapter per test (hooks never leak between tests), from the shared registry."""
+    """A fresh adapter per test (hooks never leak between tests), from the shared catalog."""
     root, folders = shared_root
     kind = request.param
     return kind, folders[kind], load(f"tiny-{kind}", root).eval()
@@ -182,7 +181,7 @@ def test_hook_point_names_match_the_from_scratch_model(imported) -> None:
 def test_kv_cache_continuation_equals_full_forward(imported) -> None:
     _, _, adapter = imported
     cache = adapter.new_cache(2)
-    assert isinstance(cache, HFKVCache)
+    assert isinstance(cache, KVCache)  # the one cache of every model
     assert (cache.pos, cache.capacity, cache.sliding) == (0, adapter.block_size, False)
     with torch.no_grad():
         full = adapter(IDX)
@@ -243,13 +242,13 @@ def test_bf16_weights_load_as_float32_by_default(hf_folder_factory, models_root)
     class Cfg:
         dtype = "bfloat16"
 
-    entry = registry.resolve("bf", models_root)
+    entry = catalog.resolve("bf", models_root)
     assert {p.dtype for p in QwenAdapter.from_registry(entry, Cfg()).parameters()} == {
         torch.bfloat16}
 
 
 def test_qwen_tokenizer_is_the_real_one(shared_root, monkeypatch) -> None:
-    from lmlab.model.registry import load_tokenizer
+    from lmlab.model.catalog import load_tokenizer
 
     root, _ = shared_root
     monkeypatch.setenv("LMLAB_MODELS_DIR", str(root))

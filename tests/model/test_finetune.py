@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.importer import import_model, register_checkpoint
 
 TEXT = ("ROMEO: But soft, what light through yonder window breaks?\n"
@@ -32,7 +32,7 @@ def test_finetune_resume_register(hf_folder_factory, models_root, tmp_path, monk
     import_model(str(hf_folder_factory("qwen2")), name="tiny-qwen", root=models_root)
     (tmp_path / "play.txt").write_text(TEXT)
     meta = prepare([str(tmp_path / "play.txt")], tmp_path / "data",
-                   tokenizer=registry.load_tokenizer("tiny-qwen", models_root), val_fraction=0.3)
+                   tokenizer=catalog.load_tokenizer("tiny-qwen", models_root), val_fraction=0.3)
     assert meta["tokenizer"] == {"kind": "hf", "model_name": "tiny-qwen"}
 
     raw = {"run": {"name": "ft", "seed": 1, "out_dir": str(tmp_path / "runs")},
@@ -52,7 +52,7 @@ def test_finetune_resume_register(hf_folder_factory, models_root, tmp_path, monk
                                   "model_source": "folder", "fine_tuned_from": "tiny-qwen",
                                   "architecture_type": "qwen2"}
     assert ckpt["model_config"]["hf_config"]["model_type"] == "qwen2"
-    base = registry.resolve("tiny-qwen", models_root)
+    base = catalog.resolve("tiny-qwen", models_root)
     from safetensors.torch import load_file
 
     before = load_file(Path(base["path"]) / "model.safetensors")
@@ -69,7 +69,7 @@ def test_finetune_resume_register(hf_folder_factory, models_root, tmp_path, monk
 
     e = register_checkpoint(run_dir, "tiny-qwen-romeo", models_root)
     assert e["fine_tuned_from"] == "tiny-qwen"
-    assert [x["model_name"] for x in registry.lineage("tiny-qwen-romeo")] == [
+    assert [x["model_name"] for x in catalog.lineage("tiny-qwen-romeo")] == [
         "tiny-qwen-romeo", "tiny-qwen"]
 
 
@@ -92,7 +92,7 @@ def test_fsdp_finetune_step_matches_one_process(hf_folder_factory, models_root, 
     import_model(str(hf_folder_factory("qwen3")), name="tiny-qwen3", root=models_root)
     (tmp_path / "play.txt").write_text(TEXT)
     prepare([str(tmp_path / "play.txt")], tmp_path / "data",
-            tokenizer=registry.load_tokenizer("tiny-qwen3", models_root), val_fraction=0.3)
+            tokenizer=catalog.load_tokenizer("tiny-qwen3", models_root), val_fraction=0.3)
     raw = {"run": {"name": "fsdp", "seed": 3, "out_dir": str(tmp_path / "runs")},
            "data": {"path": str(tmp_path / "data"), "block_size": T},
            "model": {"model_name": "tiny-qwen3"},
@@ -110,7 +110,7 @@ def test_fsdp_finetune_step_matches_one_process(hf_folder_factory, models_root, 
     sharded = load_checkpoint(ckpt_path)["model"]
     assert all(type(v) is torch.Tensor for v in sharded.values()), "whole tensors, no DTensors"
 
-    base = registry.resolve("tiny-qwen3", models_root)
+    base = catalog.resolve("tiny-qwen3", models_root)
     from safetensors.torch import load_file
 
     init = load_file(Path(base["path"]) / "model.safetensors")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class
 from lmlab.model.importer import import_model
 
@@ -22,7 +22,7 @@ def test_import_gguf_and_logits_are_sane(models_root) -> None:
         "smollm2-135m-instruct", "llama", "LlamaForCausalLM", "gguf")
     assert e["license"] == "apache-2.0" and e["dtype"] == "float32"
     assert 134_000_000 < e["num_params"] < 135_000_000
-    adapter = adapter_class("llama").from_registry(registry.resolve(e["model_name"])).eval()
+    adapter = adapter_class("llama").from_registry(catalog.resolve(e["model_name"])).eval()
     tok = adapter.tokenizer
     ids = tok.encode("The capital of France is")
     text = tok.encode("The quick brown fox jumps over the lazy dog. It was a sunny day in the "

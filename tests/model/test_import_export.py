@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab.cli.model import add_commands
 from lmlab.errors import LmlabError
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class
-from lmlab.model.cli import add_commands
 from lmlab.model.importer import derive_name, import_model, register_checkpoint
 
-SRC = str(Path(registry.__file__).parents[2])
+SRC = str(Path(catalog.__file__).parents[2])
 
 
 def nothing_written(root: Path) -> bool:
-    return not (root / registry.REGISTRY_FILE).exists() and not [
-        p for p in root.glob("*") if p.name != registry.LOCK_FILE] if root.exists() else True
+    return not (root / catalog.REGISTRY_FILE).exists() and not [
+        p for p in root.glob("*") if p.name != catalog.LOCK_FILE] if root.exists() else True
 
 
 @pytest.mark.parametrize("source, name", [
@@ -45,9 +45,9 @@ def test_import_folder_records_the_entry(hf_folder_factory, models_root) -> None
         "qwen3", "Qwen3ForCausalLM", "folder", "apache-2.0")
     assert e["fine_tuned_from"] is None and e["dtype"] == "float32"
     assert e["num_params"] == sum(p.numel() for p in adapter_class("qwen3").from_registry(
-        registry.resolve("tiny-qwen3", models_root)).parameters())
+        catalog.resolve("tiny-qwen3", models_root)).parameters())
     d = models_root / "tiny-qwen3"
-    assert e["weights_sha256"] == registry.weights_hash(d) and len(e["weights_sha256"]) == 64
+    assert e["weights_sha256"] == catalog.weights_hash(d) and len(e["weights_sha256"]) == 64
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {
         p.name for p in d.iterdir()}
     assert not list(models_root.glob(".*.tmp-*"))  # no staging folder left
@@ -84,12 +84,12 @@ def test_bad_inputs_write_nothing(hf_folder_factory, tmp_path, models_root) -> N
 def test_taken_name_is_refused_before_loading(hf_folder_factory, models_root) -> None:
     folder = hf_folder_factory("llama")
     import_model(str(folder), name="m", root=models_root)
-    before = (models_root / registry.REGISTRY_FILE).read_bytes()
+    before = (models_root / catalog.REGISTRY_FILE).read_bytes()
     t = time.perf_counter()
     with pytest.raises(LmlabError, match="already registered"):
         import_model(str(folder), name="m", root=models_root)
     assert time.perf_counter() - t < 0.5
-    assert (models_root / registry.REGISTRY_FILE).read_bytes() == before
+    assert (models_root / catalog.REGISTRY_FILE).read_bytes() == before
 
 
 OFFLINE_IMPORT = """
@@ -161,7 +161,7 @@ def finetuned_ckpt(hf_folder_factory, models_root, tmp_path):
     from lmlab.model.checkpoint import save_checkpoint
 
     import_model(str(hf_folder_factory("qwen2")), name="base", root=models_root)
-    adapter = adapter_class("qwen2").from_registry(registry.resolve("base", models_root))
+    adapter = adapter_class("qwen2").from_registry(catalog.resolve("base", models_root))
     with torch.no_grad():
         adapter.model.model.layers[0].mlp.down_proj.weight.add_(0.05)
     path = save_checkpoint(tmp_path / "run" / "ckpt_0000007.pt", adapter, step=7,
@@ -175,8 +175,8 @@ def test_register_checkpoint_and_lineage(finetuned_ckpt, models_root) -> None:
     e = register_checkpoint(path, "ft1", models_root)
     assert (e["fine_tuned_from"], e["source"], e["step"], e["license"]) == (
         "base", "checkpoint", 7, "apache-2.0")
-    assert e["weights_sha256"] != registry.resolve("base", models_root)["weights_sha256"]
-    ft1 = adapter_class("qwen2").from_registry(registry.resolve("ft1", models_root)).eval()
+    assert e["weights_sha256"] != catalog.resolve("base", models_root)["weights_sha256"]
+    ft1 = adapter_class("qwen2").from_registry(catalog.resolve("ft1", models_root)).eval()
     idx = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(ft1(idx), adapter(idx))
@@ -185,7 +185,7 @@ def test_register_checkpoint_and_lineage(finetuned_ckpt, models_root) -> None:
 
     p2 = save_checkpoint(path.parent / "ckpt_0000009.pt", ft1, step=9, config={})
     register_checkpoint(p2, "ft2", models_root)
-    chain = [x["model_name"] for x in registry.lineage("ft2", models_root)]
+    chain = [x["model_name"] for x in catalog.lineage("ft2", models_root)]
     assert chain == ["ft2", "ft1", "base"]
     with pytest.raises(LmlabError, match="already registered"):
         register_checkpoint(p2, "ft2", models_root)
@@ -205,7 +205,7 @@ def test_export_loads_with_plain_transformers(finetuned_ckpt, models_root, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(model(idx).logits, adapter(idx), atol=1e-5, rtol=1e-5)
     card = (out / "README.md").read_text()
-    base_id = registry.resolve("base", models_root)["model_id"]
+    base_id = catalog.resolve("base", models_root)["model_id"]
     assert f"base_model: {base_id}" in card and "license: apache-2.0" in card
     assert "step 7" in card and "data/shakespeare-qwen" in card
     with pytest.raises(LmlabError, match="not empty"):

@@ -16,7 +16,7 @@ from lmlab.config import from_dict
 from lmlab.errors import LmlabError
 from lmlab.eval.metrics import cross_entropy
 from lmlab.hooks.manager import ExperimentHooks
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class, load_adapter
 from lmlab.model.checkpoint import list_checkpoints, load_checkpoint
 from lmlab.model.finetune import apply_lora, lora_spec, use_activation_checkpointing
@@ -33,7 +33,7 @@ LORA = {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_pr
 
 
 def lora_adapter(root: Path, name: str = "tiny", r: int = 4, targets: list[str] | None = None):
-    entry = registry.resolve(name, root)
+    entry = catalog.resolve(name, root)
     adapter = adapter_class(entry["architecture_type"]).from_registry(entry)
     ft = from_dict({"model": {"model_name": name},
                     "train": {"finetune": {**LORA, "r": r,
@@ -77,7 +77,7 @@ def setup(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "play.txt").write_text(play_text(12_000))
     prepare([str(tmp_path / "play.txt")], tmp_path / "data",
-            tokenizer=registry.load_tokenizer("tiny", tiny), val_fraction=0.2)
+            tokenizer=catalog.load_tokenizer("tiny", tiny), val_fraction=0.2)
 
     def make(**train):
         return from_dict({
@@ -218,7 +218,7 @@ def test_lora_run_checkpoints_trained_weights_and_resumes_exactly(setup) -> None
     assert ckpt["model"] and all(".lora_A." in k or ".lora_B." in k for k in ckpt["model"])
     spec = ckpt["model_meta"]["finetune"]
     assert spec["method"] == "lora" and spec["r"] == 4
-    assert spec["base_weights_sha256"] == registry.resolve("tiny", root)["weights_sha256"]
+    assert spec["base_weights_sha256"] == catalog.resolve("tiny", root)["weights_sha256"]
     m = read_manifest(run)["model"]
     assert m["finetune"]["method"] == "lora" and 0 < m["trainable_params"] < m["params"] / 10
 
@@ -242,10 +242,10 @@ def test_base_reimported_with_other_weights_is_refused(setup, hf_folder_factory)
     root, make = setup
     run = train(make(max_steps=2), progress=False)
     path = list_checkpoints(run / "checkpoints")[-1]
-    old = registry.resolve("tiny", root)["weights_sha256"]
+    old = catalog.resolve("tiny", root)["weights_sha256"]
     shutil.rmtree(root)
     import_model(str(hf_folder_factory("qwen2", name="other", seed=1)), name="tiny", root=root)
-    new = registry.resolve("tiny", root)["weights_sha256"]
+    new = catalog.resolve("tiny", root)["weights_sha256"]
     assert new != old
     with pytest.raises(LmlabError, match=rf"{old}.*{new}.*re-imported"):
         load_adapter(path)
@@ -289,8 +289,8 @@ def test_export_adapter_and_merge_load_outside_lmlab(setup, tmp_path) -> None:
     e = register_checkpoint(run, "tiny-lora", root)
     assert e["finetune"] == {"method": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0,
                              "target_modules": LORA["target_modules"]}
-    assert [x["model_name"] for x in registry.lineage("tiny-lora", root)] == ["tiny-lora", "tiny"]
-    again = adapter_class("qwen2").from_registry(registry.resolve("tiny-lora", root)).eval()
+    assert [x["model_name"] for x in catalog.lineage("tiny-lora", root)] == ["tiny-lora", "tiny"]
+    again = adapter_class("qwen2").from_registry(catalog.resolve("tiny-lora", root)).eval()
     with torch.no_grad():
         torch.testing.assert_close(again(IDX), ours, atol=1e-5, rtol=1e-5)
 

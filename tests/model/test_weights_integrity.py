@@ -11,7 +11,7 @@ import torch
 
 from lmlab.cli import main
 from lmlab.errors import LmlabError
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class
 from lmlab.model.importer import import_model
 
@@ -37,7 +37,7 @@ def test_flipped_byte_in_registered_weights_is_refused(hf_folder_factory, models
     assert "Traceback" not in err and "model.safetensors" in err and err.count("sha256") == 1
     assert len([w for w in err.split() if len(w.strip(".,")) == 64]) == 2
     with pytest.raises(LmlabError, match="weights of model 'base' .* are damaged"):
-        adapter_class("qwen2").from_registry(registry.resolve("base", models_root))
+        adapter_class("qwen2").from_registry(catalog.resolve("base", models_root))
 
 
 @pytest.mark.slow
@@ -47,7 +47,7 @@ def test_export_writes_sha256sums_that_import_checks(hf_folder_factory, models_r
     from lmlab.model.export import export_checkpoint
 
     import_model(str(hf_folder_factory("qwen2")), name="base", root=models_root)
-    adapter = adapter_class("qwen2").from_registry(registry.resolve("base", models_root))
+    adapter = adapter_class("qwen2").from_registry(catalog.resolve("base", models_root))
     ckpt = save_checkpoint(tmp_path / "run" / "ckpt_0000001.pt", adapter, step=1, config={})
     out = export_checkpoint(ckpt, tmp_path / "export", root=models_root)
     sums = (out / "SHA256SUMS").read_text()
@@ -57,7 +57,7 @@ def test_export_writes_sha256sums_that_import_checks(hf_folder_factory, models_r
     flip_middle_byte(out / "model.safetensors")
     with pytest.raises(LmlabError, match="model.safetensors does not match .*SHA256SUMS"):
         import_model(str(out), name="again", root=models_root)
-    assert "again" not in registry.load_registry(models_root)
+    assert "again" not in catalog.load_registry(models_root)
 
 
 @pytest.mark.slow

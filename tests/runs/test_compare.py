@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lmlab.cli.runs import add_compare
 from lmlab.errors import LmlabError
-from lmlab.runs.compare import add_compare, compare
+from lmlab.runs.compare import compare
 
 
 def fake_run(root: Path, run_id: str, base="b1", data="d1", lr=1e-3, hooks=None,

@@ -29,11 +29,11 @@ import yaml
 
 from lmlab.cli import main
 from lmlab.records import read_metrics
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 from lmlab.sweeps.report import report
 from tests.sweeps.conftest import TINY
 
-SRC = str(Path(store.__file__).resolve().parents[2])
+SRC = str(Path(folder.__file__).resolve().parents[2])
 
 PAUSE = '''
 import time
@@ -88,7 +88,7 @@ def body(text: str) -> list[str]:
 
 def losses(d: Path) -> dict[str, float]:
     return {r["key"]: read_metrics(Path(r["run_dir"]))[-1]["val_loss"]
-            for r in store.load(d)["runs"]}
+            for r in folder.load(d)["runs"]}
 
 
 def sweep_dir(cwd: Path) -> Path:
@@ -111,7 +111,7 @@ def copy_sweep(src: Path, dst: Path) -> Path:
     """A copy of a finished sweep and its runs, the index pointing at the copied runs."""
     shutil.copytree(src, dst)
     d = sweep_dir(dst)
-    for f in (d / store.INDEX, *(d / "claims").glob("*.json")):
+    for f in (d / folder.INDEX, *(d / "claims").glob("*.json")):
         f.write_text(f.read_text().replace(str(src), str(dst)))
     return d
 
@@ -143,22 +143,22 @@ def damaged(finished, tmp_path, monkeypatch):
 
 
 def _no_status(d: Path) -> None:
-    index = json.loads((d / store.INDEX).read_text())
+    index = json.loads((d / folder.INDEX).read_text())
     del index["runs"][1]["status"]
-    (d / store.INDEX).write_text(json.dumps(index))
+    (d / folder.INDEX).write_text(json.dumps(index))
 
 
 def _one_folder_for_two(d: Path) -> None:
-    index = json.loads((d / store.INDEX).read_text())
+    index = json.loads((d / folder.INDEX).read_text())
     index["runs"][1]["run_dir"] = index["runs"][0]["run_dir"]
-    (d / store.INDEX).write_text(json.dumps(index))
+    (d / folder.INDEX).write_text(json.dumps(index))
 
 
 @pytest.mark.parametrize("damage, what", [
-    (lambda d: (d / store.INDEX).write_bytes(b'{"sweep_id": "\xff\xfe"}'), "not UTF-8 text"),
-    (lambda d: (d / store.INDEX).write_text("[]"), "a JSON list, not an object"),
-    (lambda d: (d / store.INDEX).write_text("{}"), "no valid 'sweep_id'"),
-    (lambda d: (d / store.INDEX).write_text('{"sweep_id": "x", "ru'), "not JSON"),
+    (lambda d: (d / folder.INDEX).write_bytes(b'{"sweep_id": "\xff\xfe"}'), "not UTF-8 text"),
+    (lambda d: (d / folder.INDEX).write_text("[]"), "a JSON list, not an object"),
+    (lambda d: (d / folder.INDEX).write_text("{}"), "no valid 'sweep_id'"),
+    (lambda d: (d / folder.INDEX).write_text('{"sweep_id": "x", "ru'), "not JSON"),
     (_no_status, "run entry 1 (b-s1) has no valid 'status'"),
     (_one_folder_for_two, "runs a-s1 and b-s1 share the folder "),
 ], ids=["non-utf8", "list", "empty", "truncated", "no-status", "shared-folder"])
@@ -168,7 +168,7 @@ def test_a_damaged_index_is_named_with_its_fix_and_repair_rebuilds_it(
     for action in ("status", "report", "resume"):
         rc, _, err = cli(capsys, "sweep", action, str(damaged))
         line = error(err)
-        assert rc == 2 and f"{damaged / store.INDEX} is damaged ({what}" in line, line
+        assert rc == 2 and f"{damaged / folder.INDEX} is damaged ({what}" in line, line
         assert f"`lmlab sweep repair {damaged}`" in line and f"or delete {damaged}" in line
     rc, out, _ = cli(capsys, "sweep", "repair", str(damaged))
     assert rc == 0 and "all 4 runs finished" in out
@@ -180,7 +180,7 @@ def test_a_damaged_index_is_named_with_its_fix_and_repair_rebuilds_it(
 
 def test_a_finished_runs_deleted_folder_is_missing_refused_then_run_again(damaged, finished,
                                                                           capsys):
-    gone = next(r for r in store.load(damaged)["runs"] if r["key"] == "a-s1")
+    gone = next(r for r in folder.load(damaged)["runs"] if r["key"] == "a-s1")
     shutil.rmtree(gone["run_dir"])
     rc, out, _ = cli(capsys, "sweep", "status", str(damaged))
     assert rc == 0 and "3/4 done, 0 running, 0 failed, 0 interrupted, 0 pending, 1 missing" in out
@@ -197,11 +197,11 @@ def test_a_finished_runs_deleted_folder_is_missing_refused_then_run_again(damage
 
 
 def test_a_truncated_claim_is_ignored_and_its_run_done(damaged, finished, capsys):
-    index = store.load(damaged)
+    index = folder.load(damaged)
     r = index["runs"][0]
     shutil.rmtree(r["run_dir"])
     r.update(status="interrupted", run_id=None, run_dir=None)
-    store.save(damaged, index)
+    folder.save(damaged, index)
     (damaged / "claims" / f"{r['key']}.json").write_text('{"run_id": "20')
     rc, out, _ = cli(capsys, "sweep", "resume", str(damaged))
     assert rc == 0 and f"{r['key']}: ignoring" in out and "(damaged)" in out
@@ -209,7 +209,7 @@ def test_a_truncated_claim_is_ignored_and_its_run_done(damaged, finished, capsys
 
 
 def test_one_unreadable_manifest_is_named_and_the_rest_reported(damaged, capsys):
-    r = store.load(damaged)["runs"][3]
+    r = folder.load(damaged)["runs"][3]
     manifest = Path(r["run_dir"]) / "manifest.json"
     manifest.write_text(manifest.read_text()[:100])
     rc, out, _ = cli(capsys, "sweep", "status", str(damaged))
@@ -220,7 +220,7 @@ def test_one_unreadable_manifest_is_named_and_the_rest_reported(damaged, capsys)
 
 
 def test_a_damaged_metrics_line_is_skipped_and_the_report_says_so(damaged, capsys):
-    r = store.load(damaged)["runs"][0]
+    r = folder.load(damaged)["runs"][0]
     path = Path(r["run_dir"]) / "metrics.jsonl"
     lines = path.read_text().splitlines()
     last = lines[-1]
@@ -286,8 +286,8 @@ def test_a_diverged_variant_is_reported_as_diverged_never_averaged(corpus_dir, t
     assert rc == 0, out  # diverged runs finished: a result, not a failure
     d = sweep_dir(tmp_path)
     assert all(math.isnan(v) for k, v in losses(d).items() if k.startswith("b-"))
-    assert store.status_report(d).count("finished     100%") == 4
-    assert store.status_report(d).count("(diverged: final val loss nan)") == 2
+    assert folder.status_report(d).count("finished     100%") == 4
+    assert folder.status_report(d).count("(diverged: final val loss nan)") == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. scipy's over NaN
         rc, out, err = cli(capsys, "sweep", "report", str(d))
@@ -374,7 +374,7 @@ def test_a_killed_worker_fails_the_sweep_and_resume_retries_it(paused_file, paus
     assert "failed" in status and "(died: killed by SIGKILL" in status
     rc, out, _ = cli(capsys, "sweep", "resume", str(d))
     assert rc == 0 and "a-s1 started (resuming)" in out
-    assert store.load(d)["runs"][0]["attempts"] == 2
+    assert folder.load(d)["runs"][0]["attempts"] == 2
     assert losses(d) == paused_reference[0]
     assert body(report(d)) == body(paused_reference[1])
 
@@ -420,10 +420,10 @@ def test_a_second_driver_is_refused_naming_the_first(paused_file, paused_referen
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out
     assert len(list((tmp_path / "runs").iterdir())) == 2  # one folder per key
-    assert [r["attempts"] for r in store.load(d)["runs"]] == [1, 1]
+    assert [r["attempts"] for r in folder.load(d)["runs"]] == [1, 1]
     assert losses(d) == paused_reference[0]
     # one seed trained twice (a copied folder) is not two replicates
-    run = Path(store.load(d)["runs"][0]["run_dir"])
+    run = Path(folder.load(d)["runs"][0]["run_dir"])
     shutil.copytree(run, run.with_name(run.name + "-copy"))
     rc, _, err = cli(capsys, "runs", "compare", str(run), str(run) + "-copy", "--group-by",
                      "variant")
@@ -467,12 +467,12 @@ def test_a_failing_run_is_retried_up_to_the_recorded_limit(corpus_dir, tmp_path,
     d = sweep_dir(tmp_path)
     assert rc == 1 and out.splitlines()[-1].startswith(f"lmlab: Sweep {d.name} is incomplete")
     assert "Not finished: c-s1 (failed: exit 2)" in out.splitlines()[-1]
-    assert store.load(d)["max_attempts"] == 2
+    assert folder.load(d)["max_attempts"] == 2
     rc, out, _ = cli(capsys, "sweep", "resume", str(d))
-    assert rc == 1 and "c-s1 started" in out and store.load(d)["runs"][1]["attempts"] == 2
+    assert rc == 1 and "c-s1 started" in out and folder.load(d)["runs"][1]["attempts"] == 2
     rc, out, _ = cli(capsys, "sweep", "resume", str(d))
     assert rc == 1 and "c-s1 started" not in out
     assert "c-s1: not retried, it failed 2 times (max_attempts 2, recorded in the index; " \
         "raise it with --max-attempts)" in out
     rc, out, _ = cli(capsys, "sweep", "resume", str(d), "--max-attempts", "3")
-    assert rc == 1 and "c-s1 started" in out and store.load(d)["runs"][1]["attempts"] == 3
+    assert rc == 1 and "c-s1 started" in out and folder.load(d)["runs"][1]["attempts"] == 3

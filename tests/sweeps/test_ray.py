@@ -19,8 +19,8 @@ import pytest
 
 from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics
+from lmlab.sweeps import folder
 from lmlab.sweeps import run as sweep_run
-from lmlab.sweeps import store
 
 CLUSTER = """
 import sys, ray
@@ -56,7 +56,7 @@ def ray_cluster(tmp_path):
 
 def _losses(d: Path) -> dict[str, list[float]]:
     return {r["key"]: [m["val_loss"] for m in read_metrics(Path(r["run_dir"]))
-                       if m["kind"] == "eval"] for r in store.load(d)["runs"]}
+                       if m["kind"] == "eval"] for r in folder.load(d)["runs"]}
 
 
 @pytest.mark.slow
@@ -72,7 +72,7 @@ def test_ray_backend_gives_the_local_losses(sweep_file, ray_cluster, tmp_path, m
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (remote,) = (tmp_path / "ray-sweeps").iterdir()
-    index = store.load(remote)
+    index = folder.load(remote)
     assert [r["status"] for r in index["runs"]] == ["finished"] * 4
     for r in index["runs"]:  # shipped back into this folder's runs/, labelled by the sweep
         assert Path(r["run_dir"]).parent == tmp_path / "runs"

@@ -20,7 +20,7 @@ from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics, write_manifest
 from lmlab.runs.compare import compare
 from lmlab.sweeps import run as sweep_run
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 from lmlab.sweeps.report import report
 from tests.sweeps.conftest import FA, TINY
 
@@ -72,7 +72,7 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
         sweep_run.start(path, tmp_path / "sweeps", jobs=2, threads=1, retries=0,
                         out=lines.append)
     d = next((tmp_path / "sweeps").iterdir())
-    index = store.load(d)
+    index = folder.load(d)
     assert [r["status"] for r in index["runs"]].count("finished") == 4
     assert {r["key"] for r in index["runs"] if r["status"] == "failed"} == {"crash-s1",
                                                                             "crash-s2"}
@@ -97,7 +97,7 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
     assert "verdict" in data["blocks"][""]["fa"]["vs_baseline"]
     seeds = [r["run_dir"] for r in index["runs"] if r["variant"] == "backprop"]
     assert compare(seeds).startswith("Replicates: ")
-    assert "4/6 done, 0 running, 2 failed" in store.status_report(d)
+    assert "4/6 done, 0 running, 2 failed" in folder.status_report(d)
     again = []
     with pytest.raises(sweep_run.SweepIncomplete):
         sweep_run.resume(d, retries=0, out=again.append)  # the failed runs are retried
@@ -107,7 +107,7 @@ def test_local_sweep_runs_reports_and_isolates_a_crash(sweep_file, tmp_path, mon
     with pytest.raises(LmlabError, match="Refusing to compare a mixed set-up.*dtype differs"):
         report(d)
     assert sum("crash-s" in line and "started" in line for line in again) == 2
-    assert [r["run_dir"] for r in store.load(d)["runs"] if r["status"] == "finished"] == [
+    assert [r["run_dir"] for r in folder.load(d)["runs"] if r["status"] == "finished"] == [
         r["run_dir"] for r in index["runs"] if r["status"] == "finished"]
 
 
@@ -162,12 +162,12 @@ def test_resume_after_the_driver_is_killed(sweep_file, corpus_dir, tmp_path, mon
                       set={**LONGER["set"], "data.path": str(corpus_dir)})
     driver = _driver(path, tmp_path)
     d = _wait_for(tmp_path, _mid_second_run)
-    before = store.load(d)["runs"]
+    before = folder.load(d)["runs"]
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     lines = []
     sweep_run.resume(d, out=lines.append)  # waits for the orphaned run to save and stop
-    after = store.load(d)["runs"]
+    after = folder.load(d)["runs"]
     assert [r["status"] for r in after] == ["finished"] * 3
     assert after[0]["run_dir"] == before[0]["run_dir"]  # the finished run was kept
     assert after[1]["run_dir"] == before[1]["run_dir"]  # the killed one continued...
@@ -189,7 +189,7 @@ def test_ctrl_c_stops_every_run_with_a_checkpoint(sweep_file, corpus_dir, tmp_pa
     out, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, out
     assert f"Resume with: lmlab sweep resume {Path('sweeps') / d.name}" in out
-    runs = store.load(d)["runs"]
+    runs = folder.load(d)["runs"]
     assert [r["status"] for r in runs] == ["finished", "interrupted", "pending"]
     assert read_manifest(Path(runs[1]["run_dir"]))["status"] == "interrupted"
     assert list((Path(runs[1]["run_dir"]) / "checkpoints").glob("ckpt_*.pt"))

@@ -127,16 +127,17 @@ def _single(raw: dict, ranks: int, resume: str | None = None,
     raw["run"]["out_dir"] = str(Path(raw["run"]["out_dir"]).parent / f"single-{next(_COUNTER)}")
     cfg = from_dict(raw)
     trainer = Trainer(cfg, resume=resume, allow_config_change=resume is not None, progress=False)
-    parts = [RandomBatcher(trainer.data.train, T, B, "cpu", cfg.run.seed, r) for r in range(ranks)]
+    tokens = trainer.state.data.train
+    parts = [RandomBatcher(tokens, T, B, "cpu", cfg.run.seed, r) for r in range(ranks)]
     for part, state in zip(parts, sampler_states or [], strict=False):
         part.load_state_dict(state)
-    trainer.batcher = UnionBatcher(parts)
+    trainer.state.batcher = UnionBatcher(parts)
     trainer.run()
     return trainer
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in trainer.adapter.network.state_dict().items()}
+    return {k: v.detach().clone() for k, v in trainer.state.adapter.network.state_dict().items()}
 
 
 def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor],
@@ -186,7 +187,7 @@ def test_ddp_step_equals_single_process_with_double_batch(ddp_run: dict) -> None
     init = {k: v.detach().clone() for k, v in build_adapter(cfg, 97).network.state_dict().items()}
 
     both = _single(raw, ranks=2)
-    assert both.step == 1
+    assert both.state.step == 1
     rel = _max_rel_diff(ddp1, _params(both), init)
     assert rel < 1e-4, f"DDP step differs from the single-process 2B step by {rel:.2e} of a step"
 
@@ -210,8 +211,8 @@ def test_ddp_checkpoint_resumes_exactly_in_one_process(ddp_run: dict) -> None:
     # one process, batch 2B, both ranks' samplers restored: DDP's step 2 exactly
     resumed = _single(ddp_run["raw"], ranks=2, resume=str(first),
                       sampler_states=ckpt["sampler"], max_steps=2)
-    assert resumed.step == 2
-    assert resumed.run_dir == run_dir
+    assert resumed.state.step == 2
+    assert resumed.state.run_dir == run_dir
     rel = _max_rel_diff(ddp_last, _params(resumed), ckpt["model"])
     assert rel < 1e-4, f"resumed step 2 differs from DDP's by {rel:.2e} of a step"
 
@@ -225,9 +226,9 @@ def test_ddp_checkpoint_resumes_exactly_in_one_process(ddp_run: dict) -> None:
         Trainer(from_dict(ddp_run["raw"]), resume=str(run_dir), progress=False)
     plain = Trainer(from_dict(raw), resume=str(run_dir), allow_config_change=True,
                     progress=False)
-    assert plain.step == 2 and plain.run_dir == run_dir
+    assert plain.state.step == 2 and plain.state.run_dir == run_dir
     state = load_checkpoint(list_checkpoints(run_dir / "checkpoints")[-1])["sampler"][0]
-    assert plain.batcher.state_dict()["batches_drawn"] == state["batches_drawn"] == 2
+    assert plain.state.batcher.state_dict()["batches_drawn"] == state["batches_drawn"] == 2
     plain.run()
     assert [load_checkpoint(c)["step"] for c in list_checkpoints(run_dir / "checkpoints")][-1] == 3
     manifest = json.loads((run_dir / "manifest.json").read_text())

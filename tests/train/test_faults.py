@@ -76,12 +76,12 @@ elif kind == "write":  # part-way through writing the temp file (a torn write)
     fio.atomic_write_bytes = ckpt.atomic_write_bytes = atomic_write_bytes
 elif kind == "step":  # at the start of training step n
     from lmlab.train.loop import Trainer
-    real_step = Trainer._train_step
-    def train_step(self):
-        if self.step + 1 == n:
+    real_step = Trainer.step
+    def train_step(self, lr):
+        if self.state.step + 1 == n:
             die()
-        return real_step(self)
-    Trainer._train_step = train_step
+        return real_step(self, lr)
+    Trainer.step = train_step
 sys.argv = ["main.py", *sys.argv[1:]]
 runpy.run_path("main.py", run_name="__main__")
 """

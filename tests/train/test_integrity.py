@@ -34,15 +34,18 @@ def test_new_keys_leave_existing_hashes_and_resumes_alone():
     assert (cfg.hash(), cfg.base_hash()) == ("5470deafca8af650", "af6f088090b1de51")
     skip = from_dict({"train": {"on_nonfinite": "skip"}})
     assert skip.hash() != cfg.hash() and skip.base_hash() != cfg.base_hash()
-    from lmlab.train.loop import _check_resume
+    from lmlab.train.state import Checkpoint, check_resume
 
     old = cfg.to_dict()
     del old["train"]["on_nonfinite"], old["train"]["max_nonfinite_skips"]
-    ckpt = {"config": old, "data_hash": None, "sampler": [None], "plugins": {}}
+    ckpt = Checkpoint.from_dict({"config": old, "data_hash": None, "sampler": [None],
+                                 "plugins": {}, "model": {}, "optimizer": {}, "step": 4,
+                                 "rng": {}, "run_id": "r", "model_config": {},
+                                 "model_meta": {}})
     no_hooks = ExperimentHooks(cfg.hooks, tiny_adapter())
-    assert _check_resume(ckpt, cfg, no_hooks, None, 1, allow=False) == []
+    assert check_resume(ckpt, cfg, no_hooks, None, 1, allow=False) == []
     with pytest.raises(LmlabError, match="train.on_nonfinite: 'stop' -> 'skip'"):
-        _check_resume(ckpt, skip, no_hooks, None, 1, allow=False)
+        check_resume(ckpt, skip, no_hooks, None, 1, allow=False)
 
 
 def tiny_adapter() -> CustomTransformerAdapter:

@@ -45,19 +45,19 @@ class Spy:
         self.before: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.after: dict[int, dict[str, torch.Tensor]] = {}
         self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        named = list(trainer.adapter.network.named_parameters())
-        trainer.optimizer.register_step_pre_hook(lambda *a: self.before.__setitem__(
-            trainer.step + 1, {n: (p.detach().clone(), p.grad.clone()) for n, p in named}))
-        trainer.optimizer.register_step_post_hook(lambda *a: self.after.__setitem__(
-            trainer.step + 1, {n: p.detach().clone() for n, p in named}))
-        draw = trainer.batcher.next
+        named = list(trainer.state.adapter.network.named_parameters())
+        trainer.state.optimizer.register_step_pre_hook(lambda *a: self.before.__setitem__(
+            trainer.state.step + 1, {n: (p.detach().clone(), p.grad.clone()) for n, p in named}))
+        trainer.state.optimizer.register_step_post_hook(lambda *a: self.after.__setitem__(
+            trainer.state.step + 1, {n: p.detach().clone() for n, p in named}))
+        draw = trainer.state.batcher.next
 
         def next_batch():
             batch = draw()
             self.batches.append(batch)
             return batch
 
-        trainer.batcher.next = next_batch
+        trainer.state.batcher.next = next_batch
 
 
 def test_values_equal_independent_computation(make_config):
@@ -139,7 +139,7 @@ def test_points_are_hooked_only_at_telemetry_steps(make_config):
     the attention pass alone (no grad, eval mode) hooks the pattern; nothing is left after."""
     cfg = make_config(telemetry={"every": 4, "activations": ["blocks.*.hook_resid_post"]})
     trainer = Trainer(cfg, progress=False)
-    points = trainer.adapter.hook_points()
+    points = trainer.state.adapter.hook_points()
     seen = []
 
     def look(module, inputs, output):
@@ -260,4 +260,4 @@ def test_a_skipped_update_at_a_telemetry_step_leaves_no_hook_behind(make_config,
     run = trainer.run()
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "skipped"] == [4]
     assert sorted(_telemetry(run)) == [8]
-    assert all(not p._forward_hooks for p in trainer.adapter.hook_points().values())
+    assert all(not p._forward_hooks for p in trainer.state.adapter.hook_points().values())

@@ -40,7 +40,7 @@ def test_rank_zero_records_the_whole_models_telemetry(parallel, tmp_path):
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0's alone
 
     single = _single(raw, ranks=2)  # one process, batch 2B, both ranks' windows
-    (reference,) = [r for r in read_metrics(single.run_dir) if r["kind"] == "telemetry"]
+    (reference,) = [r for r in read_metrics(single.state.run_dir) if r["kind"] == "telemetry"]
     assert launched.keys() == reference.keys()
     assert any(k.startswith("attn_entropy/") for k in launched)
     # clipping is on: the step must see the whole model again after the attention pass

@@ -76,8 +76,8 @@ def test_tensorboard_off_writes_no_events(make_config):
 
 def test_unwritable_tb_folder_warns_once_and_the_run_goes_on(make_config, capsys):
     trainer = Trainer(make_config(telemetry={"every": 2}), progress=False)
-    trainer.run_dir.mkdir(parents=True)
-    (trainer.run_dir / "tb").write_text("a file where the folder should be")
+    trainer.state.run_dir.mkdir(parents=True)
+    (trainer.state.run_dir / "tb").write_text("a file where the folder should be")
     run = trainer.run()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "TensorBoard" in line]
     assert len(warnings) == 1 and "the run goes on" in warnings[0], warnings

@@ -24,7 +24,7 @@ import torch
 
 from lmlab.config import HooksConfig, from_dict
 from lmlab.hooks.manager import ExperimentHooks
-from lmlab.model.points import match_points
+from lmlab.model.points import PointHooks, match_points
 
 
 def hooks_config(spec: HooksConfig | dict[str, Any] | None = None, **kinds: Any) -> HooksConfig:
@@ -71,7 +71,6 @@ def run_with_cache(adapter: torch.nn.Module, idx: torch.Tensor,
         for p in patterns:
             match_points(p, list(points))  # an error listing the real points if p matches none
     cache: dict[str, torch.Tensor] = {}
-    handles = []
 
     def recorder(name: str):
         def hook(module, inputs, output):
@@ -79,11 +78,8 @@ def run_with_cache(adapter: torch.nn.Module, idx: torch.Tensor,
 
         return hook
 
-    try:
+    with PointHooks(points) as attached:
         for name in chosen:
-            handles.append(points[name].register_forward_hook(recorder(name)))
+            attached.add(name, recorder(name))
         logits = adapter(idx)
-    finally:
-        for h in handles:
-            h.remove()
     return logits, cache

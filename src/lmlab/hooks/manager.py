@@ -28,7 +28,7 @@ from lmlab.config import HooksConfig, check_hook_entry
 from lmlab.errors import LmlabError
 from lmlab.hooks import registry
 from lmlab.hooks.plugins import load_plugin
-from lmlab.model.points import match_points
+from lmlab.model.points import PointHooks, match_points
 
 
 class HookFailed(LmlabError):
@@ -115,7 +115,7 @@ class ExperimentHooks:
             self.aux.append((label, weight, _guard(f"aux loss '{label}'", fn), matched))
         self.run_dir: Path | None = None
         self._acts: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
+        self._hooks = PointHooks(adapter.hook_points())
         self._objects: list[Any] = []
 
     @property
@@ -124,27 +124,25 @@ class ExperimentHooks:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._hooks)
 
     def attach(self, run_dir: str | Path | None = None) -> ExperimentHooks:
         """Register every hook; `run_dir` is where hooks that write (record) put their files."""
-        if self._handles:
+        if self._hooks:
             raise LmlabError("These hooks are already attached; detach them first.")
         if run_dir is not None:
             self.run_dir = Path(run_dir)
-        points = self.adapter.hook_points()
         try:
             for point, fn, where in self.point_fns:
                 if hasattr(fn, "attach"):
-                    self._handles += fn.attach(self.adapter, point, self.run_dir)
+                    self._hooks.keep(fn.attach(self.adapter, point, self.run_dir))
                     if fn not in self._objects:
                         self._objects.append(fn)
                 else:
-                    hook = _wrap(point, fn, where)
-                    self._handles.append(points[point].register_forward_hook(hook))
+                    self._hooks.add(point, _wrap(point, fn, where))
             recorded = {p for _, weight, _, matched in self.aux if weight for p in matched}
             for point in sorted(recorded):
-                self._handles.append(points[point].register_forward_hook(self._recorder(point)))
+                self._hooks.add(point, self._recorder(point))
         except BaseException:
             self.detach()
             raise
@@ -152,9 +150,7 @@ class ExperimentHooks:
 
     def detach(self) -> None:
         """Remove exactly the handles `attach` made (other hooks on the model stay)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         for obj in self._objects:
             if hasattr(obj, "close"):
                 obj.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 from lmlab.hooks import registry
+from lmlab.hooks import standard as _standard  # noqa: F401  (registers the built-ins)
 
 _loaded: dict[str, str] = {}  # resolved path -> sha256 of the source that was executed
 
@@ -29,7 +30,6 @@ def load_plugin(path: str | Path) -> str:
     digest = file_sha256(p)
     if _loaded.get(str(p)) == digest:
         return digest
-    registry.load_builtins()
     module_name = f"lmlab_plugin_{digest[:12]}"
     spec = importlib.util.spec_from_file_location(module_name, p)
     module = importlib.util.module_from_spec(spec)

@@ -36,7 +36,6 @@ The four kinds and what their functions receive:
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import inspect
 import typing
 from collections.abc import Callable
@@ -145,7 +144,8 @@ def register(kind: str, name: str | None = None, *, points: str | None = None
 
 
 def get(kind: str, name: str) -> HookSpec:
-    load_builtins()
+    """A registered hook (the built-ins are registered once `lmlab.hooks.builtins` is imported,
+    as the manager, plugins and CLI do)."""
     if kind not in KINDS:
         raise LmlabError(f"Unknown hook kind '{kind}'. Kinds: {', '.join(KINDS)}.")
     table = REGISTRY[kind]
@@ -156,14 +156,3 @@ def get(kind: str, name: str) -> HookSpec:
         )
     return table[name]
 
-
-def load_builtins() -> None:
-    """Import the modules whose decorators fill the registry (idempotent).
-
-    By name, as plugins are loaded: those modules import this one to register.
-    """
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
-BUILTIN_MODULES = [f"lmlab.hooks.{m}" for m in ("forward", "backward", "update", "aux")]

@@ -52,6 +52,42 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, so a new token costs one position.
+
+    The one cache of every model, from-scratch and imported, since all of them
+    attend through `attend` below. It holds at most one window (`capacity` =
+    block size); each layer's buffers are allocated on its first update, in the
+    keys' batch, heads, dtype and device (so grouped-query models keep only their
+    key-value heads). When it is full the sampler starts a fresh one from the
+    recent half window: every forward pass is then a window the model was trained
+    on, starting at position 0. Keys are stored after rotary, at absolute positions,
+    so the cache never slides.
+    """
+
+    sliding = False
+
+    def __init__(self, n_layer: int, capacity: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.capacity = capacity
+        self.pos = 0  # position of the next token
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        end = self.pos + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"KV cache full: {end} positions exceed {self.capacity}")
+        if self.k[layer] is None or self.k[layer].shape[0] != k.size(0):
+            self.k[layer] = k.new_zeros(*k.shape[:2], self.capacity, k.size(3))
+            self.v[layer] = v.new_zeros(*v.shape[:2], self.capacity, v.size(3))
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 def visible(T: int, Tk: int, window: int | None, device: torch.device) -> torch.Tensor:
     """[T, Tk] bool: which keys each query sees; queries are the last T of Tk positions."""
     qpos = torch.arange(Tk - T, Tk, device=device)[:, None]

@@ -20,7 +20,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.fileio import atomic_write_text
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.finetune import is_lora, merged_model
 
 
@@ -30,7 +30,7 @@ def _lineage_names(meta: dict[str, Any], root: str | Path | None) -> list[str]:
     if not parent:
         return []
     try:
-        return [e["model_name"] for e in registry.lineage(parent, root)]
+        return [e["model_name"] for e in catalog.lineage(parent, root)]
     except LmlabError:
         return [parent]
 
@@ -39,7 +39,7 @@ def model_card(meta: dict[str, Any], ckpt: dict[str, Any], root: str | Path | No
                adapter_only: bool = False) -> str:
     """README.md text: YAML front matter (base_model, license, tags) and a short provenance."""
     chain = _lineage_names(meta, root)
-    models = registry.load_registry(root) if chain else {}
+    models = catalog.load_registry(root) if chain else {}
     base_entry = models.get(chain[-1], {}) if chain else {}
     base_id = base_entry.get("model_id") or meta.get("model_id") or "unknown"
     lic = base_entry.get("license") or "unknown"
@@ -92,14 +92,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
 
         export_scratch(adapter, out)
         atomic_write_text(out / "README.md", scratch_model_card(adapter, ckpt))
-        registry.write_sums(out)
+        catalog.write_sums(out)
         return out
     if not isinstance(adapter, HFCausalLMAdapter):
         raise LmlabError(f"{ckpt['path']} holds a {type(adapter).__name__}, which export does "
                          "not know; it exports from-scratch models and imported ones.")
     name = adapter.meta.get("model_name")
     if name:
-        folder = registry.models_root(root) / name
+        folder = catalog.models_root(root) / name
         if folder.is_dir():
             adapter._tokenizer_folder = folder
     tok = adapter.tokenizer
@@ -111,5 +111,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = Fal
         merged_model(adapter).save_pretrained(str(out))
     tok.save(out)
     atomic_write_text(out / "README.md", model_card(adapter.meta, ckpt, root, adapter_only))
-    registry.write_sums(out)  # checked when the folder is imported again
+    catalog.write_sums(out)  # checked when the folder is imported again
     return out

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import FinetuneConfig
 from lmlab.errors import LmlabError
-from lmlab.model import registry
+from lmlab.model import catalog
 
 LORA = "lora"
 
@@ -78,7 +78,7 @@ def apply_lora(adapter: Any, spec: dict[str, Any]) -> None:
 
 
 def base_weights_hash(folder: str | Path) -> str:
-    return registry.weights_hash(folder)
+    return catalog.weights_hash(folder)
 
 
 def lora_adapter_from_checkpoint(adapter_cls: type, ckpt: dict[str, Any],
@@ -87,11 +87,11 @@ def lora_adapter_from_checkpoint(adapter_cls: type, ckpt: dict[str, Any],
     meta, config = ckpt["model_meta"], ckpt["model_config"]
     spec, name = meta["finetune"], meta.get("model_name")
     try:
-        entry = registry.resolve(name, root)
+        entry = catalog.resolve(name, root)
     except LmlabError as e:
         raise LmlabError(
             f"{ckpt['path']} is a LoRA checkpoint: it holds the adapter weights only, which "
-            f"need their base model '{name}' in the registry. {e}") from None
+            f"need their base model '{name}' in the catalog. {e}") from None
     found = base_weights_hash(entry["path"])
     if found != spec["base_weights_sha256"]:
         raise LmlabError(

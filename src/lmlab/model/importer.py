@@ -1,4 +1,4 @@
-"""`import-model` and `models register`: bring weights into the registry.
+"""`import-model` and `models register`: bring weights into the catalog.
 
 A model comes from a hub id (`Qwen/Qwen2.5-0.5B`), a local Hugging Face folder,
 a `.gguf` file, or (for `models register`) a fine-tuned lmlab checkpoint. Each
@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 from lmlab.errors import LmlabError
 from lmlab.fileio import temp_path
-from lmlab.model import registry
+from lmlab.model import catalog
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _QUANT_RE = re.compile(r"^(i?q\d.*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
@@ -242,7 +242,7 @@ def _describe(model: Any, folder: Path) -> dict[str, Any]:
         "architecture_type": model.config.model_type,
         "num_params": int(sum(p.numel() for p in model.parameters())),
         "dtype": dtype_name(model.get_input_embeddings().weight.dtype),
-        "weights_sha256": registry.weights_hash(folder),
+        "weights_sha256": catalog.weights_hash(folder),
     }
 
 
@@ -255,7 +255,7 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
     source kind, config.json, supported architecture) runs before any weights
     are read or downloaded.
     """
-    root = registry.models_root(root)
+    root = catalog.models_root(root)
     path = Path(source).expanduser()
     if path.exists():
         kind = "gguf" if path.is_file() and path.suffix.lower() == ".gguf" else "folder"
@@ -271,8 +271,8 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
             f"'{source}' is neither an existing folder or .gguf file nor a hub id like "
             "Qwen/Qwen2.5-0.5B. Check the path or the id."
         )
-    name = registry.validate_name(name or derive_name(source))
-    registry.check_name_free(name, root)
+    name = catalog.validate_name(name or derive_name(source))
+    catalog.check_name_free(name, root)
 
     model_id, revision = source, None
     if kind == "hub":
@@ -324,7 +324,7 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
         else:
             load_kw["dtype"] = "auto"
         if kind == "folder":
-            registry.check_sums(folder)  # an lmlab export records its weights' hashes
+            catalog.check_sums(folder)  # an lmlab export records its weights' hashes
         try:
             model = model_cls.from_pretrained(str(folder), **load_kw)
         except pickle.UnpicklingError:
@@ -372,7 +372,7 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
         if kind == "gguf":
             entry["source_path"] = str(path.resolve())
         del model
-        return registry.add_entry(entry, root, staged_dir=staged)
+        return catalog.add_entry(entry, root, staged_dir=staged)
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)
@@ -389,9 +389,9 @@ def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | No
     from lmlab.model.adapters.hf import HFCausalLMAdapter
     from lmlab.model.finetune import merged_model
 
-    root = registry.models_root(root)
-    registry.validate_name(name)
-    registry.check_name_free(name, root)
+    root = catalog.models_root(root)
+    catalog.validate_name(name)
+    catalog.check_name_free(name, root)
     adapter, ckpt = load_adapter(checkpoint, models_root=root)
     if not isinstance(adapter, HFCausalLMAdapter):
         raise LmlabError(
@@ -401,7 +401,7 @@ def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | No
         )
     meta = adapter.meta
     parent = meta.get("fine_tuned_from") or meta.get("model_name")
-    parent_entry = registry.load_registry(root).get(parent or "", {})
+    parent_entry = catalog.load_registry(root).get(parent or "", {})
     if meta.get("model_name") and (root / meta["model_name"]).is_dir():
         adapter._tokenizer_folder = root / meta["model_name"]
     tok = adapter.tokenizer  # from the parent's folder; fails clearly if it is gone
@@ -421,7 +421,7 @@ def register_checkpoint(checkpoint: str | Path, name: str, root: str | Path | No
             "finetune": {k: v for k, v in ft.items() if k != "base_weights_sha256"},
             **_describe(model, staged),
         }
-        return registry.add_entry(entry, root, staged_dir=staged)
+        return catalog.add_entry(entry, root, staged_dir=staged)
     finally:
         if staged.exists():
             shutil.rmtree(staged, ignore_errors=True)

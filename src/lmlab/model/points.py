@@ -79,3 +79,38 @@ def summarise(names: list[str]) -> list[str]:
             seen.add(n)
             out.append(n)
     return out
+
+
+class PointHooks:
+    """Forward hooks attached to named points, removed together: lmlab's one way to attach.
+
+    The experiment hooks (hooks.manager), `run_with_cache` and telemetry's probe all
+    attach through one of these, so each removes exactly what it added and nothing else.
+    Also a context manager: the hooks are removed on leaving the block.
+    """
+
+    def __init__(self, points: dict[str, HookPoint]) -> None:
+        self.points = points
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, name: str, hook) -> None:
+        """Run `hook(module, inputs, output)` after point `name`'s forward (it may replace it)."""
+        self.handles.append(self.points[name].register_forward_hook(hook))
+
+    def keep(self, handles: list) -> None:
+        """Handles something attached itself (a hook's own `attach`), removed with the rest."""
+        self.handles += handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self.handles)
+
+    def __enter__(self) -> PointHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

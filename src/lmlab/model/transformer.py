@@ -18,67 +18,36 @@ embeddings and a skip from the embedding into every block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmlab.model.attention import add_attention_points, attend, on_heads
+from lmlab.config import ModelConfig
+from lmlab.model.attention import KVCache, add_attention_points, attend, on_heads
 from lmlab.model.norms import Gain, NormPoints, RMSNorm, hooked_norm, layer_norm, layer_norm_gain
 from lmlab.model.points import HookPoint
 
 
 @dataclass
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
+    """The config's `model` section (declared once, in lmlab.config, which every layer may
+    import) plus what the data decides: the vocabulary and the window."""
+
     vocab_size: int = 97
     block_size: int = 256
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int = 512
-    dropout: float = 0.0
-    bias: bool = False
-    pos_encoding: str = "learned"  # learned | sinusoidal | rotary
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | relu2 | swiglu (fc then holds gate and up: 2 x d_ff outputs)
-    qk_norm: bool = False  # RMSNorm of q and k per head, before rotary
-    tie_embeddings: bool = True
-    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
-    zero_init_proj: bool = False  # output projections (and an untied head) start at zero
-    value_embed: bool = False  # a per-layer token embedding added to the values
-    embed_skip: bool = False  # each block adds a learned multiple of the embedding
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The network's shape as checkpoints hold it (`model_config`): no pretrained-only keys."""
+        d = asdict(self)
+        for key in PRETRAINED_ONLY:
+            d.pop(key)
+        return {"vocab_size": d.pop("vocab_size"), "block_size": d.pop("block_size"), **d}
 
 
-class KVCache:
-    """Keys and values of the positions seen so far, so a new token costs one position.
-
-    It holds at most one window (`capacity` = block_size). When it is full the
-    sampler starts a fresh one from the recent half window: every forward pass
-    is then a window the model was trained on, starting at position 0.
-    """
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, capacity: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch, n_head, capacity, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.capacity = capacity
-        self.pos = 0  # position of the next token
-
-    def reset(self) -> None:
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        end = self.pos + k.size(2)
-        if end > self.capacity:
-            raise ValueError(f"KV cache full: {end} positions exceed {self.capacity}")
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+PRETRAINED_ONLY = ("model_name", "dtype")  # the adapter's business, not the network's
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -136,25 +105,30 @@ class Attention(nn.Module):
         return self.proj(z.reshape(B, T, C))
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)  # fc holds gate and up: 2 x d_ff outputs
+    return F.silu(gate) * up
+
+
+def relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu, "relu2": relu2, "swiglu": swiglu}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.kind = cfg.mlp
+        self.activation = ACTIVATIONS[cfg.mlp]  # chosen once, not per call
         width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
         self.fc = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.hook_pre, self.hook_post = HookPoint(), HookPoint()  # hook_post: the activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.hook_pre(self.fc(x))
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            a = F.silu(gate) * up
-        elif self.kind == "relu2":
-            a = F.relu(h).square()
-        else:
-            a = F.gelu(h)
-        return self.proj(self.hook_post(a))
+        return self.proj(self.hook_post(self.activation(self.hook_pre(self.fc(x)))))
 
 
 def make_norm(d: int, cfg: TransformerConfig) -> nn.Module:
@@ -293,10 +267,10 @@ class Transformer(nn.Module):
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return self.hook_logits(logits)
 
-    def new_cache(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        c = self.cfg
-        return KVCache(c.n_layer, batch_size, c.n_head, c.block_size, c.d_model // c.n_head,
-                       device=device, dtype=dtype)
+    def new_cache(self, batch_size: int = 1, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A cache of one window; its buffers take the batch, device and dtype of the keys."""
+        return KVCache(self.cfg.n_layer, self.cfg.block_size)
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())  # a tied head is counted once

@@ -9,7 +9,6 @@ differs. The first run given is the reference the others are diffed against.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from lmlab.config import diff_configs
 from lmlab.errors import LmlabError
 from lmlab.records import effective_status, read_manifest, read_metrics
 from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands, token_budget
-from lmlab.runs.store import format_table, resolve_run
+from lmlab.runs.listing import format_table, resolve_run
 
 
 def _short(h: Any) -> str:
@@ -191,25 +190,3 @@ def plot_losses(dirs: list[Path], manifests: list[dict[str, Any]], out: str | Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
-
-
-def cmd_compare(args: argparse.Namespace) -> None:
-    print(compare(args.runs, getattr(args, "root", "runs"), args.plot,
-                  getattr(args, "group_by", None)))
-
-
-def add_compare(runs_subparsers: Any) -> None:
-    """Add `compare` to the subparsers of `lmlab runs` (it uses that parser's --root)."""
-    r = runs_subparsers.add_parser(
-        "compare", help="final/best val loss, tokens/s, config differences and loss curves",
-        description="Compare runs: the first line says whether they share base config and "
-                    "data (and shouts when not); then their figures, what differs in their "
-                    "configs and set-up, and with --plot their train and val loss curves.")
-    r.add_argument("runs", nargs="+", metavar="RUN", help="run folders or ids (2 or more); the "
-                                                         "first is the reference")
-    r.add_argument("--plot", metavar="FILE.png", help="draw the loss curves into this PNG")
-    r.add_argument("--group-by", choices=["variant"],
-                   help="aggregate replicates: runs of one sweep variant (or, outside a "
-                        "sweep, of one run name) are a group; n, mean ± sd, 95%% interval, "
-                        "and each group against the first run's with Welch's t-test")
-    r.set_defaults(func=cmd_compare)

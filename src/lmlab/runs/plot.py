@@ -9,7 +9,6 @@ in every panel), and a panel whose values span decades gets a log scale.
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import math
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics, scalars
-from lmlab.runs.store import find_runs, resolve_run
+from lmlab.runs.listing import find_runs, resolve_run
 
 X_AXES = ("step", "tokens", "time")
 LOG_SPAN = 20.0  # max/min ratio from which a panel is drawn on a log scale (over a decade)
@@ -150,28 +149,3 @@ def plot(runs: list[str | Path], metrics: list[str], x: str = "step",
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
-
-
-def cmd_plot(args: argparse.Namespace) -> None:
-    path = plot(args.runs, args.metric, args.x, args.out, getattr(args, "root", "runs"))
-    print(f"Plot: {path}")
-
-
-def add_plot(runs_subparsers: Any) -> None:
-    """Add `plot` to the subparsers of `lmlab runs` (it uses that parser's --root)."""
-    r = runs_subparsers.add_parser(
-        "plot", help="draw any recorded metric of one or more runs into a PNG",
-        description="Draw recorded metrics: one panel per metric (a glob picks several, e.g. "
-                    "'grad_norm/blocks.*.mlp.fc.weight'), one colour per run, a log scale "
-                    "where values span decades. Names: train/loss, train/lr, "
-                    "train/tokens_per_s, eval/val_loss, eval/val_bpc, aux/<name>, and "
-                    "telemetry's grad_norm/, weight_norm/, update_ratio/, act_rms/, act_mean/, "
-                    "act_max/, act_frac_nonpos/, attn_entropy/, logits_max, logits_lse_mean.")
-    r.add_argument("runs", nargs="*", metavar="RUN", help="run folders or ids")
-    r.add_argument("--metric", action="append", required=True, metavar="GLOB",
-                   help="a metric name or glob (repeatable)")
-    r.add_argument("--x", choices=X_AXES, default="step",
-                   help="x axis: optimizer step (default), tokens seen, or seconds since the start")
-    r.add_argument("--out", default="plot.png", metavar="FILE.png",
-                   help="the PNG to write (default: plot.png)")
-    r.set_defaults(func=cmd_plot)

@@ -15,7 +15,6 @@ is damaged and the last good checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 from pathlib import Path
@@ -172,18 +171,3 @@ def rebuild_tb(run_dir: Path) -> str:
     return (f"Rewrote {folder} from metrics.jsonl: {len(records)} records{skipped}. Text "
             "samples and histograms, which metrics.jsonl does not hold, are not rebuilt.")
 
-
-def add_rebuild_tb(runs_subparsers: Any) -> None:
-    """Add `rebuild-tb` to the subparsers of `lmlab runs`."""
-    r = runs_subparsers.add_parser(
-        "rebuild-tb", help="rewrite a run's TensorBoard event files from metrics.jsonl",
-        description="TensorBoard event files are derived from metrics.jsonl; when `runs "
-                    "verify` says they disagree, this rewrites their scalars from it.")
-    r.add_argument("run", help="run folder or run id")
-    r.set_defaults(func=_cmd_rebuild_tb)
-
-
-def _cmd_rebuild_tb(args: argparse.Namespace) -> None:
-    from lmlab.runs.store import resolve_run
-
-    print(rebuild_tb(resolve_run(args.run, getattr(args, "root", "runs"))))

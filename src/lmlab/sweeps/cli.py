@@ -13,8 +13,8 @@ from typing import Any
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from lmlab.sweeps import run as sweep_run
+    from lmlab.sweeps.folder import status_report
     from lmlab.sweeps.report import report
-    from lmlab.sweeps.store import status_report
 
     def say(line: str) -> None:
         print(line, flush=True)

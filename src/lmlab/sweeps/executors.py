@@ -82,7 +82,7 @@ class LocalExecutor:
 
     def claimed(self, key: str) -> dict[str, Any] | None:
         """The run id and folder a running child has claimed (None until it has)."""
-        from lmlab.sweeps.store import read_claim
+        from lmlab.sweeps.folder import read_claim
 
         return read_claim(self.sweep_dir, key)
 

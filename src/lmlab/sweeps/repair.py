@@ -17,11 +17,11 @@ from typing import Any
 from lmlab.config import read_yaml
 from lmlab.errors import LmlabError
 from lmlab.records import effective_status, read_manifest
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 from lmlab.sweeps.spec import expand
 
 # a run folder's status -> the index's (a run that stopped mid-way continues on resume)
-FROM_MANIFEST = {"finished": store.FINISHED, "failed": store.FAILED}
+FROM_MANIFEST = {"finished": folder.FINISHED, "failed": folder.FAILED}
 
 
 def _claimed_folders(sweep_id: str, roots: set[Path], notes: list[str]
@@ -50,7 +50,7 @@ def repair(sweep_dir: str | Path) -> str:
     if not source.is_file():
         raise LmlabError(f"{d} has no sweep.yaml, so its runs cannot be rebuilt; delete {d} "
                          "and run the sweep again.")
-    with store.driver_lock(d):
+    with folder.driver_lock(d):
         try:
             sweep = expand(read_yaml(source))
         except LmlabError as e:
@@ -60,10 +60,10 @@ def repair(sweep_dir: str | Path) -> str:
         roots = {Path(r.config["run"]["out_dir"]) for r in sweep.runs}
         found = _claimed_folders(d.name, roots, notes)
         index = {"sweep_id": d.name, "name": sweep.name, "source": str(source),
-                 "created_at": store.now(), "baseline": sweep.baseline,
+                 "created_at": folder.now(), "baseline": sweep.baseline,
                  "variants": sweep.variants, "points": sweep.points, "seeds": sweep.seeds,
-                 "max_attempts": store.MAX_ATTEMPTS, "repaired_at": store.now(),
-                 "runs": [store.new_entry(r) for r in sweep.runs]}
+                 "max_attempts": folder.MAX_ATTEMPTS, "repaired_at": folder.now(),
+                 "runs": [folder.new_entry(r) for r in sweep.runs]}
         for r in index["runs"]:
             folders = sorted(found.pop(r["key"], []), key=lambda f: (
                 f[1].get("status") == "finished", str(f[1].get("updated_at"))))
@@ -72,18 +72,18 @@ def repair(sweep_dir: str | Path) -> str:
             run_dir, m = folders[-1]
             status = effective_status(m)
             r.update(run_id=m.get("run_id", run_dir.name), run_dir=str(run_dir), attempts=1,
-                     status=FROM_MANIFEST.get(status, store.INTERRUPTED))
+                     status=FROM_MANIFEST.get(status, folder.INTERRUPTED))
             if len(folders) > 1:
                 notes.append(f"{r['key']}: {len(folders)} folders claim it; kept {run_dir} "
                              f"({status}), not {', '.join(str(f[0]) for f in folders[:-1])}")
         notes += [f"ignored folders of unknown key {k}" for k in found]
-        old = d / store.INDEX
+        old = d / folder.INDEX
         if old.exists():
-            old.rename(d / f"{store.INDEX}.damaged-{dt.datetime.now():%Y%m%d-%H%M%S}")
+            old.rename(d / f"{folder.INDEX}.damaged-{dt.datetime.now():%Y%m%d-%H%M%S}")
         (d / "claims").mkdir(exist_ok=True)
-        store.save(d, index)
-    c = store.counts(index)
+        folder.save(d, index)
+    c = folder.counts(index)
     return "\n".join([*notes, f"Rebuilt {old} from {source} and the run folders: "
-                      f"{store.status_line(index, 1, eta=False)}. Continue with: lmlab sweep "
-                      f"resume {d}" if store.unfinished(index) else
-                      f"Rebuilt {old}: all {c[store.FINISHED]} runs finished."])
+                      f"{folder.status_line(index, 1, eta=False)}. Continue with: lmlab sweep "
+                      f"resume {d}" if folder.unfinished(index) else
+                      f"Rebuilt {old}: all {c[folder.FINISHED]} runs finished."])

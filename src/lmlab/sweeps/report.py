@@ -17,7 +17,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.runs.aggregate import aggregate, format_aggregate, load_run, plot_bands
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 
 
 def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str]]:
@@ -31,7 +31,7 @@ def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str
             if r["point_id"] != pid:
                 continue
             run_dir = Path(r["run_dir"]) if r.get("run_dir") else None
-            if store.is_missing(r):
+            if folder.is_missing(r):
                 notes.append(f"left out {r['key']}: MISSING, it finished but its folder "
                              f"{r['run_dir']} is gone (`lmlab sweep resume` runs it again)")
                 continue
@@ -43,7 +43,7 @@ def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str
             except LmlabError as e:
                 notes.append(f"left out {r['key']}: {e}")
                 continue
-            if r["status"] != store.FINISHED:
+            if r["status"] != folder.FINISHED:
                 run["status"] = r["status"]
             groups.setdefault(r["variant"], []).append(run)
         blocks[where] = groups
@@ -52,8 +52,8 @@ def _blocks(index: dict[str, Any]) -> tuple[dict[str, dict[str, list]], list[str
 
 def report(sweep_dir: str | Path, metric: str = "final_val", plot: str | Path | None = None,
            as_json: bool = False, allow_missing: bool = False) -> str:
-    index = store.load(sweep_dir)
-    missing = [r["key"] for r in index["runs"] if store.is_missing(r)]
+    index = folder.load(sweep_dir)
+    missing = [r["key"] for r in index["runs"] if folder.is_missing(r)]
     if missing and not allow_missing:
         raise LmlabError(f"{len(missing)} finished run(s) of sweep {index['sweep_id']} are "
                          f"missing, their folders gone: {', '.join(missing)}. Run them again "
@@ -62,13 +62,13 @@ def report(sweep_dir: str | Path, metric: str = "final_val", plot: str | Path | 
     blocks, notes = _blocks(index)
     result = aggregate(blocks, index["baseline"], metric)
     result["warnings"] = notes + result["warnings"]
-    result |= {"sweep_id": index["sweep_id"], "status": store.counts(index)}
+    result |= {"sweep_id": index["sweep_id"], "status": folder.counts(index)}
     if plot is not None:
         result["plot"] = str(plot_bands(blocks, plot, f"sweep {index['sweep_id']}: val loss, "
                                                       "mean and 95% interval over seeds"))
     if as_json:
         return json.dumps(result, indent=2, allow_nan=False)
-    c = store.counts(index)
+    c = folder.counts(index)
     head = (f"Sweep {index['sweep_id']}: {c['finished']}/{len(index['runs'])} runs finished; "
             f"metric {metric} (val loss, nats/token; lower is better); baseline "
             f"{index['baseline']}.")

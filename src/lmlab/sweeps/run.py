@@ -2,7 +2,7 @@
 
 The driver owns the index; runs own their folders. Every run's config was
 validated and the set-ups checked before the first run starts. One driver runs
-a sweep at a time (store.driver_lock). A resume keeps finished runs, continues
+a sweep at a time (folder.driver_lock). A resume keeps finished runs, continues
 interrupted ones from their newest checkpoint, runs missing ones again and
 retries failed ones (a run whose process died, SIGKILL or out of memory, is
 failed) up to the sweep's recorded `max_attempts`; it first waits for any run a
@@ -26,7 +26,7 @@ from typing import Any
 from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import list_checkpoints
 from lmlab.records import effective_status, read_manifest
-from lmlab.sweeps import store
+from lmlab.sweeps import folder
 from lmlab.sweeps.executors import LocalExecutor, RayExecutor, check_reachable
 from lmlab.sweeps.spec import check_setups, load_sweep
 from lmlab.sweeps.worker import EXIT_INTERRUPTED
@@ -52,7 +52,7 @@ def start(file: str | Path, root: str | Path = "sweeps", jobs: int = DEFAULT_JOB
     check_setups(sweep)
     if backend == "ray" and address:
         check_reachable(address)
-    d = store.create(sweep, root, file)
+    d = folder.create(sweep, root, file)
     out(f"Sweep {d.name}: {len(sweep.runs)} runs ({len(sweep.variants)} variants x "
         f"{len(sweep.points)} points x {len(sweep.seeds)} seeds) in {d}")
     execute(d, jobs, threads, backend, address, retries, out, max_attempts)
@@ -64,7 +64,7 @@ def resume(sweep_dir: str | Path, jobs: int | None = None, threads: int | None =
            out: Callable[[str], None] = print, max_attempts: int | None = None) -> Path:
     """Continue a sweep: the settings it last ran with unless others are given."""
     d = Path(sweep_dir)
-    index = store.load(d)
+    index = folder.load(d)
     jobs = jobs or index.get("jobs", DEFAULT_JOBS)
     threads = threads or index.get("threads_per_job", DEFAULT_THREADS)
     backend = backend or index.get("backend", "local")
@@ -98,28 +98,28 @@ def _wait_for_leftover(d: Path, key: str, out: Callable[[str], None]) -> None:
 def reconcile(d: Path, index: dict[str, Any], out: Callable[[str], None]) -> None:
     """Bring the index up to date with the run folders (after a kill, runs may have moved on)."""
     for r in index["runs"]:
-        if store.is_missing(r):
+        if folder.is_missing(r):
             out(f"{r['key']}: finished, but its folder {r['run_dir']} is gone (missing); "
                 "running it again")
-            r.update(status=store.PENDING, run_id=None, run_dir=None,
+            r.update(status=folder.PENDING, run_id=None, run_dir=None,
                      reason=f"missing: {r['run_dir']} was gone")
             (d / "claims" / f"{r['key']}.json").unlink(missing_ok=True)  # names the gone folder
-        if r["status"] == store.FINISHED:
+        if r["status"] == folder.FINISHED:
             continue
         _wait_for_leftover(d, r["key"], out)
-        claim = store.read_claim(d, r["key"])
+        claim = folder.read_claim(d, r["key"])
         if claim is not None:
             r["run_id"], r["run_dir"] = claim["run_id"], claim["run_dir"]
         elif (d / "claims" / f"{r['key']}.json").is_file():
             out(f"{r['key']}: ignoring {d / 'claims' / (r['key'] + '.json')} (damaged); the "
                 "index's run folder stands")
         said = _manifest_status(r)
-        if said == store.FINISHED:
-            r["status"] = store.FINISHED
+        if said == folder.FINISHED:
+            r["status"] = folder.FINISHED
             continue
-        if r["status"] == store.RUNNING:
-            r["status"] = store.INTERRUPTED
-            if said == store.DIED:
+        if r["status"] == folder.RUNNING:
+            r["status"] = folder.INTERRUPTED
+            if said == folder.DIED:
                 r["reason"] = "died while its driver was gone; continues from its checkpoint"
 
 
@@ -174,15 +174,15 @@ def execute(d: Path, jobs: int, threads: int, backend: str, address: str | None,
             retries: int, out: Callable[[str], None] = print,
             max_attempts: int | None = None) -> dict[str, Any]:
     """Run every unfinished run of the sweep in `d`, holding its driver lock."""
-    with store.driver_lock(d):
+    with folder.driver_lock(d):
         index = _drive(d, jobs, threads, backend, address, retries, out, max_attempts)
-    left = store.unfinished(index)
+    left = folder.unfinished(index)
     if left:
-        logs = f" (logs in {d / 'logs'})" if store.counts(index)[store.FAILED] else ""
+        logs = f" (logs in {d / 'logs'})" if folder.counts(index)[folder.FAILED] else ""
         raise SweepIncomplete(f"Sweep {index['sweep_id']} is incomplete: "
-                              f"{store.status_line(index, jobs, eta=False)}. Not finished: "
+                              f"{folder.status_line(index, jobs, eta=False)}. Not finished: "
                               f"{left}{logs}. Resume with: lmlab sweep resume {d}")
-    out(f"Sweep {index['sweep_id']}: {store.status_line(index, jobs)}. "
+    out(f"Sweep {index['sweep_id']}: {folder.status_line(index, jobs)}. "
         f"Report: lmlab sweep report {d}")
     return index
 
@@ -191,9 +191,9 @@ def _queue(index: dict[str, Any], out: Callable[[str], None]) -> list[str]:
     """The runs to start, in order; failed runs past the attempt limit stay failed."""
     limit, queue = index["max_attempts"], []
     for r in index["runs"]:
-        if r["status"] == store.FINISHED:
+        if r["status"] == folder.FINISHED:
             continue
-        if r["status"] == store.FAILED and r["attempts"] >= limit:
+        if r["status"] == folder.FAILED and r["attempts"] >= limit:
             out(f"{r['key']}: not retried, it failed {r['attempts']} times (max_attempts "
                 f"{limit}, recorded in the index; raise it with --max-attempts)")
             continue
@@ -204,16 +204,16 @@ def _queue(index: dict[str, Any], out: Callable[[str], None]) -> list[str]:
 def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
            retries: int, out: Callable[[str], None], max_attempts: int | None
            ) -> dict[str, Any]:
-    index = store.load(d)
+    index = folder.load(d)
     index.update(jobs=jobs, threads_per_job=threads, backend=backend, address=address,
                  driver_pid=os.getpid(), retries=retries,
-                 max_attempts=max_attempts or index.get("max_attempts", store.MAX_ATTEMPTS))
+                 max_attempts=max_attempts or index.get("max_attempts", folder.MAX_ATTEMPTS))
     reconcile(d, index, out)
-    store.save(d, index)
+    folder.save(d, index)
     by_key = {r["key"]: r for r in index["runs"]}
     queue = _queue(index, out)
     if not queue:
-        if not store.unfinished(index):
+        if not folder.unfinished(index):
             out(f"All {len(index['runs'])} runs are finished.")
         return index
     executor = _executor(backend, threads, address, d)
@@ -227,20 +227,20 @@ def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         started_at = started.pop(o.key)
         r["run_id"], r["run_dir"] = o.run_id or r["run_id"], o.run_dir or r["run_dir"]
         if o.rc == 0:
-            r["status"], r["wall_s"] = store.FINISHED, round(time.monotonic() - started_at, 2)
+            r["status"], r["wall_s"] = folder.FINISHED, round(time.monotonic() - started_at, 2)
             r["reason"] = None
         elif o.rc == EXIT_INTERRUPTED or stopping:
-            r["status"], r["reason"] = store.INTERRUPTED, None
+            r["status"], r["reason"] = folder.INTERRUPTED, None
         else:
-            r["status"] = store.FAILED
-            r["reason"] = store.died_reason(o.rc) if o.rc < 0 else f"exit {o.rc}"
+            r["status"] = folder.FAILED
+            r["reason"] = folder.died_reason(o.rc) if o.rc < 0 else f"exit {o.rc}"
             out(f"{o.key} failed ({r['reason']}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
             if tries[o.key] <= retries and r["attempts"] < index["max_attempts"]:
-                r["status"] = store.PENDING
+                r["status"] = folder.PENDING
                 queue.append(o.key)
                 out(f"{o.key}: retry {tries[o.key]} of {retries}")
-        store.save(d, index)
-        out(f"{o.key} {r['status']} [{store.status_line(index, jobs)}]")
+        folder.save(d, index)
+        out(f"{o.key} {r['status']} [{folder.status_line(index, jobs)}]")
 
     try:
         while queue or started:
@@ -249,12 +249,12 @@ def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
                 r = by_key[key]
                 job = job_for(r, index)
                 tries[key] = tries.get(key, 0) + 1
-                r["status"], r["attempts"] = store.RUNNING, r["attempts"] + 1
+                r["status"], r["attempts"] = folder.RUNNING, r["attempts"] + 1
                 started[key] = time.monotonic()
                 executor.start(key, job)
-                store.save(d, index)
+                folder.save(d, index)
                 out(f"{key} started" + (" (resuming)" if job["resume"] else "") +
-                    f" [{store.status_line(index, jobs)}]")
+                    f" [{folder.status_line(index, jobs)}]")
             for o in executor.poll(1.0):
                 finish(o)
             changed = False
@@ -264,7 +264,7 @@ def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
                     by_key[key]["run_id"], by_key[key]["run_dir"] = c["run_id"], c["run_dir"]
                     changed = True
             if changed:
-                store.save(d, index)
+                folder.save(d, index)
     except KeyboardInterrupt:
         out(f"Interrupted: asking {len(started)} running run(s) to save a checkpoint and stop "
             "(Ctrl-C again to kill them)...")
@@ -278,9 +278,9 @@ def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         except KeyboardInterrupt:
             executor.kill()
             for key in list(started):
-                by_key[key]["status"] = store.INTERRUPTED
-        store.save(d, index)
-        raise SweepInterrupted(f"Sweep stopped: {store.status_line(index, jobs)}. "
+                by_key[key]["status"] = folder.INTERRUPTED
+        folder.save(d, index)
+        raise SweepInterrupted(f"Sweep stopped: {folder.status_line(index, jobs)}. "
                                f"Resume with: lmlab sweep resume {d}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -117,10 +117,11 @@ def run_job(job: dict) -> int:
     try:
         trainer = Trainer(from_dict(job["config"]), resume=job.get("resume"), progress=False,
                           manifest={"sweep": job["sweep"]})
-        atomic_write_json(claim, {"run_id": trainer.run_id, "pid": os.getpid(),
-                                  "run_dir": str(Path(trainer.run_dir).resolve())})
-        print(f"Run {trainer.run_id}" + (f" resumed at step {trainer.step}" if trainer.step
-                                         else "") + f": {trainer.run_dir}", flush=True)
+        s = trainer.state
+        atomic_write_json(claim, {"run_id": s.run_id, "pid": os.getpid(),
+                                  "run_dir": str(Path(s.run_dir).resolve())})
+        print(f"Run {s.run_id}" + (f" resumed at step {s.step}" if s.step else "")
+              + f": {s.run_dir}", flush=True)
         run_dir = trainer.run()
     except LmlabError as e:
         print(f"lmlab: error: {e}", file=sys.stderr, flush=True)

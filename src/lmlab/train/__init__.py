@@ -1,4 +1,7 @@
-"""Training: the loop, optimizers, telemetry, TensorBoard, faults, distributed runs.
+"""Training: the run's state and checkpoint (state), one step (step), what watches a run
+(observers), the loop (loop), optimizers and the lr schedule (optim), distribution
+(distributed), telemetry and TensorBoard. Checkpoint files are written and read in
+lmlab.model.checkpoint; devices and dtypes are lmlab.device.
 
 `lmlab.train(config, overrides)` calls this package: it is the API's `lmlab.api.train`.
 The import system binds this package to the name `train` on `lmlab` whenever any

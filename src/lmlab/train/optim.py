@@ -169,28 +169,46 @@ def lr_multiplier(t: TrainConfig) -> Callable[..., float]:
     Progress is the fraction of steps done after warm-up, or, under a time
     budget, the `fraction` of the budget used, so the decay ends when time does.
     WSD holds the peak lr and decays linearly over the last `decay_fraction`.
+    The decay's shape is chosen once, here.
     """
-    floor = t.min_lr / t.lr
+    decay = DECAYS[t.schedule](t.min_lr / t.lr, t.decay_fraction)
 
     def fn(step: int, fraction: float | None = None) -> float:
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
-        if t.schedule == "constant":
-            return 1.0
         if fraction is None:
             progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
         else:
             progress = min(1.0, max(0.0, fraction))
-        if t.schedule == "wsd":
-            stable = 1.0 - t.decay_fraction
-            if progress <= stable:
-                return 1.0
-            return floor + (1 - floor) * (1 - (progress - stable) / t.decay_fraction)
-        if t.schedule == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return decay(progress)
 
     return fn
+
+
+def _constant(floor: float, decay_fraction: float) -> Callable[[float], float]:
+    return lambda progress: 1.0
+
+
+def _linear(floor: float, decay_fraction: float) -> Callable[[float], float]:
+    return lambda progress: floor + (1 - floor) * (1 - progress)
+
+
+def _cosine(floor: float, decay_fraction: float) -> Callable[[float], float]:
+    return lambda progress: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _wsd(floor: float, decay_fraction: float) -> Callable[[float], float]:
+    stable = 1.0 - decay_fraction
+
+    def decay(progress: float) -> float:
+        if progress <= stable:
+            return 1.0
+        return floor + (1 - floor) * (1 - (progress - stable) / decay_fraction)
+
+    return decay
+
+
+DECAYS = {"constant": _constant, "linear": _linear, "cosine": _cosine, "wsd": _wsd}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -37,7 +37,7 @@ import torch.distributed as torch_dist
 
 from lmlab.config import TelemetryConfig
 from lmlab.errors import LmlabError
-from lmlab.model.points import match_points
+from lmlab.model.points import PointHooks, match_points
 from lmlab.records import MetricsLog, warn
 from lmlab.train.distributed import DistInfo
 
@@ -125,17 +125,14 @@ class Probe:
         self.shard_sums: dict[str, torch.Tensor] = {}
         self.maxima: dict[str, torch.Tensor] = {}
         self.before: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        self.handles: list[Any] = []
-        points = tel.adapter.hook_points()
+        self.hooks = PointHooks(tel.adapter.hook_points())
         for name in tel.act_points:
-            self.handles.append(points[name].register_forward_hook(self._act_hook(name)))
+            self.hooks.add(name, self._act_hook(name))
         if tel.cfg.logits:
-            self.handles.append(points["hook_logits"].register_forward_hook(self._logits_hook))
+            self.hooks.add("hook_logits", self._logits_hook)
 
     def unhook(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        self.hooks.remove()
 
     def _add(self, table: dict[str, torch.Tensor], key: str, value: torch.Tensor,
              combine: Callable = torch.add) -> None:
@@ -194,10 +191,9 @@ class Probe:
             self._attention(x)
 
     def _attention(self, x: torch.Tensor) -> None:
-        tel, points = self.tel, self.tel.adapter.hook_points()
+        tel = self.tel
         for name in tel.pattern_points:
-            layer = name.removesuffix(".attn.hook_pattern")
-            self.handles.append(points[name].register_forward_hook(self._pattern_hook(layer)))
+            self.hooks.add(name, self._pattern_hook(name.removesuffix(".attn.hook_pattern")))
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
         was_training = tel.adapter.training
         try:

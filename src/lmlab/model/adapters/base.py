@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lmlab.data.tokenizer import Tokenizer
+from lmlab.errors import LmlabError
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.finetune import is_lora
 from lmlab.model.points import HookPoint, collect_hook_points
@@ -79,11 +80,24 @@ class BaseAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def save_checkpoint(self, path: str | Path, **state: Any) -> Path:
+        """Write weights and model config with the loop's `state` (the training loop's path)."""
         return save_checkpoint(path, self, **state)
 
-    @staticmethod
-    def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-        """-> (adapter with the checkpoint's weights, the checkpoint dict)."""
-        from lmlab.model.adapters import load_adapter  # the package that knows every family
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> BaseAdapter:
+        """This family's adapter with a loaded checkpoint's weights.
 
-        return load_adapter(path, device)
+        The seed's `load_checkpoint` is split in two: which family a file holds
+        is known only to the package that lists them all, so loading a file is
+        `lmlab.model.adapters.load_adapter(path)` (a LoRA one on its base), which
+        calls this on the right class.
+        """
+        adapter = cls.from_config(ckpt["model_config"], ckpt["model_meta"])
+        try:
+            adapter.network.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise LmlabError(
+                f"The weights in '{ckpt.get('path')}' do not fit the architecture it records: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+        return adapter

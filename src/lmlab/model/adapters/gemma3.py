@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lmlab.errors import LmlabError
-from lmlab.model.adapters.hf import HFCausalLMAdapter, HFKVCache
+from lmlab.model.adapters.hf import HFCausalLMAdapter
+from lmlab.model.attention import KVCache
 from lmlab.model.norms import hooked_norm
 
 
@@ -63,7 +64,7 @@ class Gemma3Adapter(HFCausalLMAdapter):
                            gain=lambda h, x: (h * (1.0 + norm.weight.float())).type_as(x))
 
     def _block(self, layer: nn.Module, p: nn.Module, x: torch.Tensor, rope: tuple,
-               cache: HFKVCache | None, i: int) -> torch.Tensor:
+               cache: KVCache | None, i: int) -> torch.Tensor:
         x = p.hook_resid_pre(x)
         h = self._attention(layer.self_attn, p.attn, self._norm(layer.input_layernorm, p.ln1, x),
                             rope, cache, i)

@@ -17,8 +17,8 @@ methods the forward is made of: `_embed`, `_rope`, `_norm`, `_block`, `_qkv`,
 `_qk_norm`, `_attention`, `_mlp` (Gemma 3 overrides `_rope`, `_norm` and
 `_block`). A config this code would compute wrongly is refused by `check_config`.
 
-Also here: the KV cache wrapper (`HFKVCache`, around transformers'
-`DynamicCache`) and dtype helpers (the tokenizer is in `model/tokenizers.py`). Weights
+Generation uses the one KV cache of every model (`model.attention.KVCache`).
+Also here: dtype helpers (the tokenizer is in `model/hf_tokenizer.py`). Weights
 load in float32 unless the config asks otherwise, since transformers 5.x keeps a
 checkpoint's bf16 and CPU training wants float32.
 """
@@ -35,11 +35,11 @@ from torch import nn
 
 from lmlab.errors import LmlabError
 from lmlab.model.adapters.base import BaseAdapter
-from lmlab.model.attention import add_attention_points, attend, on_heads
+from lmlab.model.attention import KVCache, add_attention_points, attend, on_heads
+from lmlab.model.catalog import model_dir, resolve, verify_weights
+from lmlab.model.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 from lmlab.model.norms import NormPoints, hooked_norm
 from lmlab.model.points import HookPoint, collect_hook_points
-from lmlab.model.registry import model_dir, resolve, verify_weights
-from lmlab.model.tokenizers import HFTokenizer, load_hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,40 +57,6 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# --- KV cache -------------------------------------------------------------------------
-
-
-class HFKVCache:
-    """transformers' `DynamicCache` with lmlab's KVCache interface (pos, capacity, sliding, reset).
-
-    Keys are stored after rotary embedding at absolute positions, and the
-    Hugging Face models are run only within their trained context, so the cache
-    does not slide: once `capacity` (the adapter's block size) is reached the
-    sampler starts a fresh window, as for the from-scratch model's absolute positions.
-    """
-
-    sliding = False
-
-    def __init__(self, capacity: int) -> None:
-        from transformers import DynamicCache
-
-        self._cls = DynamicCache
-        self.inner = DynamicCache()
-        self.capacity = capacity
-        self.pos = 0
-
-    @property
-    def length(self) -> int:
-        return self.pos
-
-    def reset(self) -> None:
-        self.inner = self._cls()
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.inner.update(k, v, layer)
 
 
 # --- hook points ----------------------------------------------------------------------
@@ -295,10 +261,10 @@ class HFCausalLMAdapter(BaseAdapter):
 
     # -- forward ------------------------------------------------------------------------
 
-    def new_cache(self, batch_size: int) -> HFKVCache:
-        return HFKVCache(self.block_size)
+    def new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(len(self.model.model.layers), self.block_size)
 
-    def forward(self, idx: torch.Tensor, cache: HFKVCache | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids [B, T] -> float32 logits [B, T, vocab]; with a cache, continue at cache.pos."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -333,7 +299,7 @@ class HFCausalLMAdapter(BaseAdapter):
                            gain=lambda h, x: norm.weight * h.to(x.dtype))
 
     def _block(self, layer: nn.Module, p: _BlockPoints, x: torch.Tensor, rope: tuple,
-               cache: HFKVCache | None, i: int) -> torch.Tensor:
+               cache: KVCache | None, i: int) -> torch.Tensor:
         """A pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
         x = p.hook_resid_pre(x)
         h = self._norm(layer.input_layernorm, p.ln1, x)
@@ -357,7 +323,7 @@ class HFCausalLMAdapter(BaseAdapter):
         return q, k
 
     def _attention(self, attn: nn.Module, p: _AttnPoints, h: torch.Tensor, rope: tuple,
-                   cache: HFKVCache | None, layer: int) -> torch.Tensor:
+                   cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = h.shape
         q, k, v = self._qkv(attn, h)
         q, k, v = p.hook_q(q), p.hook_k(k), p.hook_v(v)

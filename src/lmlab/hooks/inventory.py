@@ -1,4 +1,4 @@
-"""`lmlab hooks list`: the points a config's model has, and every hook config can name.
+"""What `lmlab hooks list` prints: the points a config's model has, and every hook config can name.
 
 Each point is listed with its shape and its TransformerLens twin (the name TL
 caches the same activation under, `lmlab.model.vocabulary`), so a recording or an
@@ -10,10 +10,8 @@ points printed are exactly those `at:` globs are matched against in training.
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
-
 from lmlab.hooks import registry
+from lmlab.hooks import standard as _standard  # noqa: F401  (registers the built-ins)
 from lmlab.model.points import summarise
 from lmlab.model.vocabulary import VOCABULARY, describe
 
@@ -52,7 +50,6 @@ def points_text(names: list[str]) -> list[str]:
 
 def hooks_text() -> list[str]:
     """Every registered hook by kind: its signature, where it may act, and its one-line doc."""
-    registry.load_builtins()
     lines = []
     for kind in registry.KINDS:
         lines.append(f"{kind} hooks ({KIND_HELP[kind]}):")
@@ -65,36 +62,16 @@ def hooks_text() -> list[str]:
     return lines
 
 
-def cmd_hooks_list(args: argparse.Namespace) -> None:
+def hooks_list(config: str | None, overrides: list[str]) -> str:
+    """The model's points and every hook (the config's plugins loaded), as `hooks list` prints."""
     from lmlab.config import load_config
     from lmlab.hooks.plugins import load_plugin
     from lmlab.model.build import build_adapter
 
-    cfg = load_config(args.config, getattr(args, "set", None) or [])
+    cfg = load_config(config, overrides)
     for path in cfg.hooks.plugins:
         load_plugin(path)
     adapter = build_adapter(cfg)  # the character model's vocab is fixed: no data needed
     model = cfg.model.model_name or "from-scratch Transformer"
-    print(f"Model: {model} ({adapter.num_params():,} parameters)")
-    print("\n".join(points_text(list(adapter.hook_points()))))
-    print()
-    print("\n".join(hooks_text()))
-
-
-def add_commands(subparsers: Any) -> None:
-    """Add `hooks list` to the top-level subparsers of `lmlab`."""
-    s = subparsers.add_parser(
-        "hooks", help="list hook points and built-in hooks",
-        description="What an experiment can touch: the model's hook points (matched by the "
-                    "'at' globs of the config's hooks section) and every hook by kind.")
-    hs = s.add_subparsers(dest="hooks_command", required=True, metavar="ACTION")
-    h = hs.add_parser("list", help="the points of a config's model and every hook with its "
-                                   "parameters",
-                      description="The hook points of the model a config builds, and every "
-                      "registered hook (built-in and the config's plugins) with its parameters.")
-    h.add_argument("--config", help="a YAML file or ready config (default: "
-                                    "configs/default.yaml); its plugins are loaded so their "
-                                    "hooks are listed too")
-    h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.n_layer=2")
-    h.set_defaults(func=cmd_hooks_list)
+    return "\n".join([f"Model: {model} ({adapter.num_params():,} parameters)",
+                      *points_text(list(adapter.hook_points())), "", *hooks_text()])

@@ -14,18 +14,16 @@ import json
 import os
 import sys
 
+from lmlab.cli.hooks import add_commands as add_hooks_commands
+from lmlab.cli.model import add_commands as add_model_commands
+from lmlab.cli.runs import add_compare, add_plot, add_rebuild_tb
 from lmlab.errors import LmlabError
-from lmlab.hooks.cli import add_commands as add_hooks_commands
-from lmlab.model.cli import add_commands as add_model_commands
-from lmlab.runs.compare import add_compare
-from lmlab.runs.plot import add_plot
-from lmlab.runs.verify import add_rebuild_tb
 from lmlab.sweeps.cli import add_commands as add_sweep_commands
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmlab.data.prepare import prepare
-    from lmlab.model.registry import load_tokenizer
+    from lmlab.model.catalog import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     meta = prepare(args.sources or ["shakespeare"], args.out, unknown=args.unknown,
@@ -46,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from lmlab.config import from_dict
     from lmlab.data.dataset import load_prepared
     from lmlab.device import resolve_device
     from lmlab.eval.metrics import evaluate
@@ -53,14 +52,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     device = resolve_device(args.device)
     adapter, ckpt = load_adapter(args.checkpoint, device)
-    data_path = args.data or ckpt["config"]["data"]["path"]
+    cfg = from_dict(ckpt["config"])  # typed, with keys added since it was saved at defaults
+    data_path = args.data or cfg.data.path
     data = load_prepared(data_path)
     if data.meta["tokenizer"] != adapter.tokenizer.spec():
         raise LmlabError(f"{data_path} was prepared with another tokenizer than this model's.")
-    block = ckpt["config"]["data"]["block_size"]
     cpt = data.meta["val_chars"] / max(1, data.meta["val_tokens"])
-    result = evaluate(adapter, data.val, block, args.batch_size, device,
-                      ckpt["config"]["train"]["dtype"], chars_per_token=cpt)
+    result = evaluate(adapter, data.val, cfg.data.block_size, args.batch_size, device,
+                      cfg.train.dtype, chars_per_token=cpt)
     result |= {"checkpoint": ckpt["path"], "step": ckpt.get("step"), "data": str(data_path)}
     if args.json:
         print(json.dumps(result))
@@ -71,12 +70,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from lmlab.config import from_dict
     from lmlab.device import resolve_device
     from lmlab.eval.sampling import generate
     from lmlab.model.adapters import load_adapter
 
     adapter, ckpt = load_adapter(args.checkpoint, resolve_device(args.device))
-    adapter.block_size = ckpt["config"]["data"]["block_size"]
+    adapter.block_size = from_dict(ckpt["config"]).data.block_size
     tok = adapter.tokenizer
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     ids = generate(adapter, tok.encode(prompt), args.max_new_tokens, args.temperature,
@@ -85,7 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from lmlab.runs.store import format_table, resolve_run, summaries, summary
+    from lmlab.runs.listing import format_table, resolve_run, summaries, summary
 
     if args.runs_command == "list":
         rows = summaries(args.root)

@@ -29,7 +29,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError, did_you_mean
 from lmlab.fileio import atomic_write_text, clean_stale_temps
-from lmlab.model.tokenizers import load_hf_tokenizer
+from lmlab.model.hf_tokenizer import load_hf_tokenizer
 
 REGISTRY_FILE = "registry.json"
 LOCK_FILE = ".registry.lock"
@@ -316,7 +316,7 @@ def weights_hash(folder: str | Path) -> str:
 def load_tokenizer(model_name: str, root: str | Path | None = None) -> Any:
     """The adapter-ready native tokenizer of a registered model (used by `prepare --tokenizer`).
 
-    Returns an `lmlab.model.tokenizers.HFTokenizer`, which satisfies the Tokenizer protocol
+    Returns an `lmlab.model.hf_tokenizer.HFTokenizer`, which satisfies the Tokenizer protocol
     and whose `spec()` names `model_name`, so prepared data remembers its tokenizer.
     """
     entry = resolve(model_name, root)

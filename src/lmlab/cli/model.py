@@ -1,6 +1,7 @@
 """The pretrained-model commands: `import-model`, `models list|show|lineage|register`, `export`.
 
-`lmlab.cli` calls `add_commands(subparsers)`; each command's handler raises
+`lmlab.cli` calls `add_commands(subparsers)`; the work is in lmlab.model (importer,
+registry, export); each command's handler raises
 LmlabError for a user's mistake, which the CLI prints as one paragraph.
 """
 
@@ -42,14 +43,14 @@ def _print_entry(e: dict[str, Any]) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from lmlab.model import registry
+    from lmlab.model import catalog
 
     action = args.models_command
     root = args.models_dir
     if action == "list":
-        entries = registry.list_entries(root)
+        entries = catalog.list_entries(root)
         if not entries:
-            print(f"No models registered in {registry.models_root(root)}. Import one with "
+            print(f"No models registered in {catalog.models_root(root)}. Import one with "
                   "`python main.py import-model HUB_ID|FOLDER|FILE.gguf`.")
             return
         print(f"{'NAME':<28} {'ARCH':<8} {'PARAMS':>8} {'DTYPE':<9} {'SOURCE':<10} "
@@ -60,21 +61,21 @@ def cmd_models(args: argparse.Namespace) -> None:
                   f"{str(e.get('source')):<10} {str(e.get('fine_tuned_from') or '-'):<24} "
                   f"{e.get('model_id')}")
     elif action == "show":
-        e = registry.resolve(args.name, root)
+        e = catalog.resolve(args.name, root)
         if args.json:
             print(json.dumps(e, indent=2))
         else:
             _print_entry(e)
     elif action == "lineage":
-        chain = registry.lineage(args.name, root)
+        chain = catalog.lineage(args.name, root)
         for depth, e in enumerate(chain):
             arrow = "  " * depth + ("└─ " if depth else "")
             what = ("(not in the registry any more)" if e.get("missing")
                     else f"{e.get('source')}: {e.get('model_id')}")
             print(f"{arrow}{e['model_name']}  {what}")
     elif action == "verify":
-        e = registry.resolve(args.name, root)
-        digest = registry.verify_weights(e)
+        e = catalog.resolve(args.name, root)
+        digest = catalog.verify_weights(e)
         note = "" if e.get("weights_sha256") else " (the registry has no hash to compare with)"
         print(f"ok: {e['model_name']} weights sha256 {digest}{note}")
     elif action == "register":
