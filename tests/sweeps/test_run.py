@@ -19,8 +19,8 @@ import pytest
 from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics, write_manifest
 from lmlab.runs.compare import compare
-from lmlab.sweeps import run as sweep_run
 from lmlab.sweeps import folder
+from lmlab.sweeps import run as sweep_run
 from lmlab.sweeps.report import report
 from tests.sweeps.conftest import FA, TINY
 

@@ -23,8 +23,9 @@ def add_commands(subparsers: Any) -> None:
                                    "parameters",
                       description="The hook points of the model a config builds, and every "
                       "registered hook (built-in and the config's plugins) with its parameters.")
-    h.add_argument("--config", help="a YAML file or ready config (default: the default config); its "
-                                    "plugins are loaded so their hooks are listed too")
+    h.add_argument("--config", help="a YAML file or ready config (default: the default "
+                                    "config); its plugins are loaded so their hooks are listed "
+                                    "too")
     h.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.n_layer=2")
     h.set_defaults(func=cmd_hooks_list)

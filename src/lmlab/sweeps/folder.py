@@ -106,19 +106,32 @@ def _shape_problem(index: Any) -> str | None:
     if not index["runs"]:
         return "no runs"
     for n, r in enumerate(index["runs"]):
-        if not isinstance(r, dict):
-            return f"run entry {n} is not an object"
-        for key, types in RUN_FIELDS.items():
-            if not isinstance(r.get(key), types) or isinstance(r.get(key), bool):
-                return f"run entry {n} ({r.get('key', '?')}) has no valid '{key}'"
-        if r["status"] not in STATUSES:
-            return f"run {r['key']} has status {r['status']!r}, not one of {', '.join(STATUSES)}"
-    keys = collections.Counter(r["key"] for r in index["runs"])
+        problem = _run_problem(n, r)
+        if problem:
+            return problem
+    return _shared_problem(index["runs"])
+
+
+def _run_problem(n: int, r: Any) -> str | None:
+    """Why one run entry does not fit the schema, or None."""
+    if not isinstance(r, dict):
+        return f"run entry {n} is not an object"
+    for key, types in RUN_FIELDS.items():
+        if not isinstance(r.get(key), types) or isinstance(r.get(key), bool):
+            return f"run entry {n} ({r.get('key', '?')}) has no valid '{key}'"
+    if r["status"] not in STATUSES:
+        return f"run {r['key']} has status {r['status']!r}, not one of {', '.join(STATUSES)}"
+    return None
+
+
+def _shared_problem(runs: list[dict[str, Any]]) -> str | None:
+    """A key given twice, or one folder standing for two runs (compared with itself)."""
+    keys = collections.Counter(r["key"] for r in runs)
     twice = [k for k, n in keys.items() if n > 1]
     if twice:
         return f"the run key {twice[0]} appears {keys[twice[0]]} times"
-    folders: dict[str, str] = {}  # one run standing for two would be compared with itself
-    for r in index["runs"]:
+    folders: dict[str, str] = {}
+    for r in runs:
         other = folders.setdefault(r["run_dir"], r["key"]) if r["run_dir"] else r["key"]
         if other != r["key"]:
             return f"runs {other} and {r['key']} share the folder {r['run_dir']}"
