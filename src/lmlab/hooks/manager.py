@@ -142,6 +142,9 @@ class ExperimentHooks:
                 else:
                     hook = _wrap(point, fn, where)
                     self._handles.append(points[point].register_forward_hook(hook))
+            for obj in self._objects:  # e.g. a learning rule whose points held no linear
+                if hasattr(obj, "check_attached"):
+                    obj.check_attached()
             recorded = {p for _, weight, _, matched in self.aux if weight for p in matched}
             for point in sorted(recorded):
                 self._handles.append(points[point].register_forward_hook(self._recorder(point)))

@@ -166,4 +166,4 @@ def load_builtins() -> None:
         importlib.import_module(module)
 
 
-BUILTIN_MODULES = [f"lmlab.hooks.{m}" for m in ("forward", "backward", "update", "aux")]
+BUILTIN_MODULES = [f"lmlab.hooks.{m}" for m in ("forward", "backward", "rules", "update", "aux")]
