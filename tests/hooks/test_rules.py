@@ -15,7 +15,7 @@ import torch
 from lmlab.config import from_dict
 from lmlab.errors import LmlabError
 from lmlab.eval.metrics import cross_entropy
-from lmlab.hooks.api import hooked
+from lmlab.hooks.api import hooked, run_with_cache
 
 from .conftest import tiny_adapter
 
@@ -214,3 +214,247 @@ def test_kolen_pollack_refuses_an_optimizer_it_cannot_mirror(idx):
                   opt_cls=lambda p, **kw: torch.optim.SGD(p, momentum=0.9, **kw))
     sgd_steps(a, idx, spec, 1, wd=0.0,  # no decay: any update is mirrored
               opt_cls=lambda p, **kw: torch.optim.SGD(p, momentum=0.9, **kw))
+
+
+# --- DFA: e @ B_u at each unit's output, nothing between units ----------------------------
+
+def dfa_b(layer_point: str, vocab: int, width: int, seed: int = 0) -> torch.Tensor:
+    return seeded_normal((vocab, width), seed, layer_point) * 0.02
+
+
+def fixed_error_loss(vocab: int):
+    """A loss whose gradient at the logits, e, is a fixed random tensor R (whatever the model)."""
+    r = torch.randn(2, 16, vocab, generator=torch.Generator().manual_seed(9))
+    return r, lambda logits, idx: (logits * r).sum()
+
+
+@pytest.mark.parametrize("granularity", ["block", "sublayer"])
+def test_dfa_sends_e_through_b_to_each_unit_output_exactly(adapter, idx, granularity):
+    r, loss = fixed_error_loss(97)
+    outs = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    if granularity == "sublayer":
+        outs += ["blocks.0.hook_resid_mid", "blocks.1.hook_resid_mid"]
+    with hooked(adapter, {"backward": [{"name": "dfa", "at": "blocks.*",
+                                        "granularity": granularity}]}):
+        _, cache = run_with_cache(adapter, idx, names=outs + ["hook_logits"], incl_bwd=True,
+                                  loss_fn=loss)
+    assert torch.equal(cache["hook_logits_grad"], r)
+    for point in outs:
+        expected = (r.reshape(-1, 97) @ dfa_b(point, 97, 32)).reshape(2, 16, 32)
+        assert torch.equal(cache[point + "_grad"], expected), point
+
+
+def test_dfa_block_gradients_do_not_depend_on_the_blocks_above(idx):
+    """With e fixed, block 0 and the embedding learn the same whatever block 1 computes."""
+    r, loss = fixed_error_loss(97)
+    spec = {"backward": [{"name": "dfa", "at": "blocks.*"}]}
+
+    def block0_grads(scramble: bool) -> dict[str, torch.Tensor]:
+        a = tiny_adapter(seed=5)
+        if scramble:
+            with torch.no_grad():
+                for p in a.network.blocks[1].parameters():
+                    p.normal_()
+        with hooked(a, spec):
+            run_with_cache(a, idx, names="hook_logits", incl_bwd=True, loss_fn=loss)
+        return {n: p.grad for n, p in a.network.named_parameters()
+                if n.startswith(("blocks.0.", "wpe."))}
+
+    plain, scrambled = block0_grads(False), block0_grads(True)
+    assert plain and all(torch.equal(plain[n], scrambled[n]) for n in plain)
+    # under backprop block 0 does depend on block 1
+    a, b = tiny_adapter(seed=5), tiny_adapter(seed=5)
+    with torch.no_grad():
+        for p in b.network.blocks[1].parameters():
+            p.normal_()
+    for m in (a, b):
+        run_with_cache(m, idx, names="hook_logits", incl_bwd=True, loss_fn=loss)
+    assert not torch.equal(a.network.blocks[0].mlp.fc.weight.grad,
+                           b.network.blocks[0].mlp.fc.weight.grad)
+
+
+def param_grads(adapter, idx, spec, micro: int = 1, aux: bool = False) -> dict:
+    """Gradients of the mean next-token loss (+ aux losses) over `micro` micro-batches."""
+    adapter.zero_grad(set_to_none=True)
+    with hooked(adapter, spec) as h:
+        for chunk in idx.chunk(micro):
+            loss = cross_entropy(adapter(chunk)[:, :-1], chunk[:, 1:])
+            if aux:
+                loss = loss + sum(h.aux_losses().values())
+            (loss / micro).backward()
+    return {n: p.grad.clone() for n, p in adapter.network.named_parameters()
+            if p.grad is not None}
+
+
+def test_dfa_under_grad_accumulation_is_the_mean_of_the_micro_batches(idx):
+    """As for backprop: accumulating k micro-batches gives the whole batch's DFA gradient."""
+    a = tiny_adapter(seed=6)
+    batch = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(3))
+    spec = {"backward": [{"name": "dfa", "at": "blocks.*", "granularity": "sublayer"}]}
+    whole, split = param_grads(a, batch, spec), param_grads(a, batch, spec, micro=2)
+    assert whole.keys() == split.keys()
+    for n in whole:
+        assert torch.allclose(whole[n], split[n], atol=1e-7, rtol=1e-5), n
+
+
+def test_dfa_aux_loss_inside_a_unit_is_backpropagated_within_it(idx):
+    """An aux loss at a point inside a unit adds its ordinary gradient (it depends on nothing
+    above): grads(DFA, CE + aux) == grads(DFA, CE) + grads(backprop, aux alone)."""
+    a = tiny_adapter(seed=7)
+    aux = {"aux_losses": [{"name": "act_l2", "at": "blocks.0.hook_mlp_out", "weight": 3.0}]}
+    rule = {"backward": [{"name": "dfa", "at": "blocks.*"}]}
+    both = param_grads(a, idx, {**rule, **aux}, aux=True)
+    ce = param_grads(a, idx, rule)
+    a.zero_grad(set_to_none=True)
+    with hooked(a, aux) as h:
+        a(idx)
+        sum(h.aux_losses().values()).backward()
+    aux_only = {n: p.grad for n, p in a.network.named_parameters() if p.grad is not None}
+    assert aux_only and set(aux_only) <= set(both)
+    for n in both:
+        expected = ce[n] + aux_only[n] if n in aux_only else ce[n]
+        assert torch.allclose(both[n], expected, atol=1e-7, rtol=1e-5), n
+
+
+def test_shallow_only_the_readout_learns(adapter, idx):
+    g = param_grads(adapter, idx, {"backward": [{"name": "shallow", "at": "blocks.*"}]})
+    assert set(g) == {"ln_final.weight", "wte.weight"}  # the head is tied to wte
+    true = param_grads(adapter, idx, {})
+    assert torch.equal(g["ln_final.weight"], true["ln_final.weight"])
+
+
+# --- gradients at every point: run_with_cache(incl_bwd=True) ------------------------------
+
+def test_incl_bwd_gives_every_point_its_gradient_norm_points_included(adapter, idx):
+    logits, cache = run_with_cache(adapter, idx, names=None, incl_bwd=True)
+    points = list(adapter.hook_points())
+    grads_ = {p: cache.get(p + "_grad") for p in points}
+    missing = [p for p, g in grads_.items() if g is None and "pos_embed" not in p]
+    assert not missing, missing
+    for p in points:
+        if grads_[p] is not None:
+            assert grads_[p].shape == cache[p].shape, p
+    # the norm's rebuilt output is the module's own, to float rounding
+    assert torch.allclose(logits, adapter(idx), atol=1e-5)
+
+
+@pytest.mark.parametrize("point", ["blocks.0.ln1.hook_normalized", "blocks.1.ln2.hook_scale",
+                                   "ln_final.hook_normalized", "blocks.0.attn.hook_pattern"])
+def test_incl_bwd_gradient_is_the_loss_s_derivative_along_any_direction(idx, point):
+    """<grad, D> equals (L(a + eps D) - L(a - eps D)) / 2 eps, in float64: the true gradient."""
+    a = tiny_adapter(seed=8).double()
+
+    def loss64(logits, idx):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97),
+                                                 idx[:, 1:].reshape(-1))
+
+    _, cache = run_with_cache(a, idx, names=point, incl_bwd=True, loss_fn=loss64)
+    d = torch.randn(cache[point].shape, generator=torch.Generator().manual_seed(1),
+                    dtype=torch.float64) * cache[point].abs()  # relative: a scale stays > 0
+    eps, losses = 1e-2, []  # a hooked norm computes in float32, even for float64
+    for sign in (1, -1):
+        handle = a.hook_points()[point].register_forward_hook(
+            lambda m, i, o, sign=sign: o + sign * eps * d)
+        with torch.no_grad():
+            logits = a(idx)
+        handle.remove()
+        losses.append(cross_entropy(logits[:, :-1], idx[:, 1:]).item())
+    numeric = (losses[0] - losses[1]) / (2 * eps)
+    assert math.isclose((cache[point + "_grad"] * d).sum().item(), numeric, rel_tol=1e-2,
+                        abs_tol=1e-9)
+
+
+# --- bad input: one line naming the problem and the fix -----------------------------------
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "feedback_alignment", "at": "blocks.*.ln1.*"}, "found no linear layer"),
+    ({"name": "sign_symmetry", "at": "blocks.*", "mode": "brfs"}, "Did you mean 'brsf'"),
+    ({"name": "dfa", "at": "blocks.*", "granularity": "blocks"}, "Did you mean 'block'"),
+    ({"name": "kolen_pollack", "at": "hook_embed"}, "acts only on points matching 'blocks.*'"),
+])
+def test_bad_rule_entries_are_one_clear_line(adapter, entry, message):
+    with pytest.raises(LmlabError, match=message) as e:
+        with hooked(adapter, {"backward": [entry]}):
+            pass
+    assert "\n" not in str(e.value)
+    assert all(not m._forward_hooks for m in adapter.modules())  # nothing left attached
+
+
+def test_dfa_on_a_model_whose_blocks_it_cannot_find(adapter):
+    adapter.hook_points()  # the points keep their names; the block list is renamed
+    adapter.network.layers_renamed = adapter.network.blocks
+    del adapter.network.blocks
+    with pytest.raises(LmlabError, match="dfa cannot find the blocks of Transformer"):
+        with hooked(adapter, {"backward": [{"name": "dfa", "at": "blocks.*"}]}):
+            pass
+
+
+# --- imported models ----------------------------------------------------------------------
+
+def test_feedback_alignment_fine_tunes_an_imported_qwen2(idx):
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.model.adapters import adapter_class
+
+    cls = adapter_class("qwen2")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls.tiny_config("qwen2", vocab_size=97))
+    a = cls(model, {})
+    spec = {"backward": [{"name": "feedback_alignment", "at": "blocks.*", "seed": 1}]}
+    names = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    got = linear_io_grads(a, idx, spec, names)
+    for n, (x, g, gx, gw) in got.items():
+        key = "blocks." + n.removeprefix("model.layers.")
+        w = dict(a.network.named_modules())[n].weight
+        assert torch.allclose(gx, g @ (seeded_normal(w.shape, 1, key) * 0.02), atol=1e-7), n
+        assert torch.allclose(gw, g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1]),
+                              atol=1e-6), n
+    with hooked(a, spec) as h:
+        rule = h.point_fns[0][1]
+        assert {k.split(".")[-1] for k in rule.linears} == {
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    losses = sgd_steps(a, torch.randint(0, 12, (8, 16), generator=torch.Generator()
+                                        .manual_seed(0)), spec, 25, lr=3e-3)
+    assert losses[-1] < losses[0] - 1.0, losses
+
+
+# --- exact resume, through the real training loop -----------------------------------------
+
+RESUME_SETS = {
+    "fa-brsf-kp": [{"name": "feedback_alignment", "at": "blocks.0.attn.*"},
+                   {"name": "sign_symmetry", "at": "blocks.0.mlp.*", "mode": "brsf"},
+                   {"name": "kolen_pollack", "at": "blocks.1.*", "seed": 2}],
+    "dfa-usf-frsf": [{"name": "dfa", "at": "blocks.*", "granularity": "sublayer"},
+                     {"name": "sign_symmetry", "at": "blocks.0.*", "mode": "usf"},
+                     {"name": "sign_symmetry", "at": "blocks.1.*", "mode": "frsf"}],
+    "shallow": [{"name": "shallow", "at": "blocks.*"}],
+}
+
+
+@pytest.mark.parametrize("rules", list(RESUME_SETS))
+def test_every_rule_resumes_bit_exactly(corpus_dir, tmp_path, rules):
+    import shutil
+
+    from lmlab.model.checkpoint import load_checkpoint
+    from lmlab.records import read_metrics
+    from lmlab.train.loop import config_for_resume, train
+    from tests.conftest import tiny_config
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
+
+    cfg = tiny_config(corpus_dir, tmp_path / "runs", hooks={"backward": RESUME_SETS[rules]},
+                      train={"grad_accum": 2})
+    run = train(cfg, progress=False)
+    straight = losses(run)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    mid = str(copy / "checkpoints" / "ckpt_0000004.pt")
+    train(config_for_resume(mid, None, []), resume=mid, progress=False)
+    assert len(straight) == 8 and losses(copy) == straight
+    if rules == "fa-brsf-kp":
+        state = load_checkpoint(mid)["hooks"][0]
+        assert state["backward.1.sign_symmetry"] == {"steps": 4}
+        b_minus_w = state["backward.2.kolen_pollack"]["blocks.1.mlp.fc"]
+        start = seeded_normal(b_minus_w.shape, 2, "blocks.1.mlp.fc") * 0.02
+        assert b_minus_w.shape == (64, 32) and not torch.equal(b_minus_w, start)
