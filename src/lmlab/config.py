@@ -145,6 +145,7 @@ class TelemetryConfig:
     attention: bool = True  # entropy per layer and head
     logits: bool = True  # max logit, mean logsumexp
     histograms: bool = False  # weights and gradients, to TensorBoard
+    alignment: bool = added(True)  # learning rules: angles to backprop's gradient, and B to W
 
 
 @dataclass
