@@ -118,40 +118,6 @@ class NoProbe:
     def before_update(self, x: torch.Tensor) -> None:
         pass
 
-    def _alignment(self, x: torch.Tensor) -> None:
-        """Angles of each rule's gradient to backprop's (same batch, same dropout) and of B to W."""
-        active = rules.active()
-        if not active:
-            return
-        tel = self.tel
-        params = [(n, p) for n, p in tel.params if p.dim() >= 2]
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            start = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-            ruled = self._grads(x, params)
-            torch.set_rng_state(start[0])
-            for d, state in zip(devices, start[1], strict=True):
-                torch.cuda.set_rng_state(state, d)
-            with rules.bypass():
-                true = self._grads(x, params)
-        for (name, _), g, t in zip(params, ruled, true, strict=True):
-            if t is None or (g is not None and torch.equal(g, t)):
-                continue  # a weight the rule leaves on backprop's gradient
-            g = torch.zeros_like(t) if g is None else g
-            self._add(self.data_sums, f"grad_angle/{name}", _dots(_local(g), _local(t)))
-        for rule in active:
-            for layer, (b, w) in rule.feedback_pairs().items():
-                self._add(self.shard_sums, f"b_w_angle/{layer}", _dots(_local(b), _local(w)))
-
-    def _grads(self, x: torch.Tensor, params: list) -> list[torch.Tensor | None]:
-        """d(next-token loss on x)/d(each param), without touching `.grad`."""
-        with torch.enable_grad(), self.tel.forward_context():
-            logits = self.tel.adapter(x)
-        logits = logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                 x[:, 1:].reshape(-1))
-        return list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
-
     def after_update(self) -> None:
         pass
 
