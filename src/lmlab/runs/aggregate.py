@@ -15,7 +15,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.records import read_manifest, read_metrics
-from lmlab.runs.stats import difference, summarize
+from lmlab.runs.stats import adjust, difference, summarize
 
 METRICS = ("final_val", "best_val")
 SETUP = (("device", "device"), ("dtype", "dtype"), ("data_hash", "data"),
@@ -104,6 +104,7 @@ def aggregate(blocks: dict[str, dict[str, list[dict[str, Any]]]], baseline: str,
             if name != baseline and baseline in kept:
                 row["vs_baseline"] = difference(values, base_values)
             rows[name] = row
+        adjust([r["vs_baseline"] for r in rows.values() if "vs_baseline" in r])
         out_blocks[where] = rows
     return {"metric": metric, "baseline": baseline, "warnings": warnings, "blocks": out_blocks}
 
