@@ -120,7 +120,7 @@ def scope_of(adapter: Any, point: str, rule: str) -> tuple[str, nn.Module] | Non
 
 
 class Rule:
-    """What every learning rule shares: its seed, its handles, and `active()` listing."""
+    """What every learning rule shares: attach per point, listing in `active()`, close."""
 
     name = ""
 
@@ -493,6 +493,7 @@ class dfa(Rule):
     """
 
     name = "dfa"
+    feeds_back = True  # False: the shallow control, whose cuts send nothing back
 
     def __init__(self, *, granularity: str = "block", seed: int = 0, std: float = 0.02) -> None:
         super().__init__()
@@ -530,11 +531,6 @@ class dfa(Rule):
             handles.append(points["hook_logits"].register_forward_hook(self._hub))
             self._logits_hooked = True
         return handles
-
-    feeds_back = True
-
-    def check_attached(self) -> None:
-        pass
 
     def close(self) -> None:
         super().close()
