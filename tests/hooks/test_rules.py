@@ -458,3 +458,28 @@ def test_every_rule_resumes_bit_exactly(corpus_dir, tmp_path, rules):
         b_minus_w = state["backward.2.kolen_pollack"]["blocks.1.mlp.fc"]
         start = seeded_normal(b_minus_w.shape, 2, "blocks.1.mlp.fc") * 0.02
         assert b_minus_w.shape == (64, 32) and not torch.equal(b_minus_w, start)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama", "gemma3_text"])
+def test_every_rule_runs_on_each_imported_family(idx, kind):
+    """Each rule attaches to the family's own modules; DFA's e @ B_u reaches its block outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.model.adapters import adapter_class
+
+    cls = adapter_class(kind)
+    torch.manual_seed(0)
+    a = cls(AutoModelForCausalLM.from_config(cls.tiny_config(kind, vocab_size=97)), {})
+    for rule in (RESUME_SETS["fa-brsf-kp"], RESUME_SETS["dfa-usf-frsf"],
+                 RESUME_SETS["shallow"]):
+        grads = param_grads(a, idx, {"backward": rule})
+        assert grads and all(torch.isfinite(g).all() for g in grads.values()), (kind, rule)
+    r, loss = fixed_error_loss(97)
+    with hooked(a, {"backward": [{"name": "dfa", "at": "blocks.*"}]}):
+        _, cache = run_with_cache(a, idx, names="blocks.*.hook_resid_post", incl_bwd=True,
+                                  loss_fn=loss)
+    for layer in range(2):
+        point = f"blocks.{layer}.hook_resid_post"
+        b = dfa_b(point, 97, 32)
+        assert torch.allclose(cache[point + "_grad"], (r.reshape(-1, 97) @ b).reshape(2, 16, 32),
+                              atol=1e-7), (kind, point)
