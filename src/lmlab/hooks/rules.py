@@ -577,3 +577,12 @@ class shallow(dfa):
 
     def __init__(self) -> None:
         super().__init__(granularity="block")
+
+    def _attach(self, adapter: Any, point: str) -> list:
+        import torch.distributed as torch_dist
+
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            raise LmlabError("shallow leaves the blocks without gradient, which DDP refuses "
+                             "(it waits for every parameter's); run the control in one "
+                             "process, without torchrun.")
+        return super()._attach(adapter, point)
