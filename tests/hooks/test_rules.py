@@ -8,6 +8,7 @@ by calling the rule's code.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -483,3 +484,18 @@ def test_every_rule_runs_on_each_imported_family(idx, kind):
         b = dfa_b(point, 97, 32)
         assert torch.allclose(cache[point + "_grad"], (r.reshape(-1, 97) @ b).reshape(2, 16, 32),
                               atol=1e-7), (kind, point)
+
+
+def test_kolen_pollack_with_sgd_momentum_stops_the_run_before_any_update(make_config):
+    from lmlab.model.checkpoint import list_checkpoints
+    from lmlab.records import read_metrics
+    from lmlab.train.loop import train
+
+    cfg = make_config(hooks={"backward": [{"name": "kolen_pollack", "at": "blocks.*"}]},
+                      train={"optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.1})
+    with pytest.raises(LmlabError, match="^kolen_pollack cannot mirror SGD") as e:
+        train(cfg, progress=False)
+    assert "\n" not in str(e.value)
+    (run,) = (cfg_dir for cfg_dir in (Path(cfg.run.out_dir)).iterdir())
+    assert not [r for r in read_metrics(run) if r["kind"] == "train"]
+    assert not list_checkpoints(run / "checkpoints")
