@@ -65,9 +65,9 @@ _ACTIVE: weakref.WeakSet = weakref.WeakSet()
 _BYPASS = [False]
 
 
-def active() -> list[Rule]:
-    """Every rule attached to a model now (the telemetry measures their alignment)."""
-    return [r for r in _ACTIVE if r.attached]
+def active(adapter: Any = None) -> list[Rule]:
+    """The rules attached now (to `adapter`, if given): the telemetry measures their alignment."""
+    return [r for r in _ACTIVE if r.attached and (adapter is None or r.adapter() is adapter)]
 
 
 @contextlib.contextmanager
@@ -129,7 +129,7 @@ class Rule:
         self._points: list[str] = []
 
     def attach(self, adapter: Any, point: str, run_dir: Path | None) -> list:
-        self.attached = True
+        self.attached, self.adapter = True, weakref.ref(adapter)
         _ACTIVE.add(self)
         self._points.append(point)
         return self._attach(adapter, point)

@@ -226,7 +226,7 @@ class Probe:
 
     def _alignment(self, x: torch.Tensor) -> None:
         """Angles of each rule's gradient to backprop's (same batch, same dropout) and of B to W."""
-        active = rules.active()
+        active = rules.active(self.tel.adapter)
         if not active:
             return
         tel = self.tel
