@@ -8,7 +8,8 @@ windows (batch 2B): each rule's gradient is linear in the per-example errors,
 so DDP's average of the ranks' gradients is the 2B gradient, and the per-step
 state (brSF's draw, KP's B) advances once per optimizer step on every rank.
 SGD without momentum keeps the step linear in the gradient (and lets KP
-mirror a decay), so an error shows at full size.
+mirror a decay), so an error shows at full size. Telemetry runs at every step,
+alignment passes included, on both ranks.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def test_rules_under_ddp_equal_one_process_with_the_union_batch(tmp_path):
                   "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100,
                   "log_every": 1, "device": "cpu", "dtype": "float32"},
         "hooks": {"backward": RULES},
+        "telemetry": {"every": 1},  # the alignment passes run on every rank, every step
     }
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -48,6 +50,12 @@ def test_rules_under_ddp_equal_one_process_with_the_union_batch(tmp_path):
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     ckpt = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
     assert ckpt["step"] == 2
+    from lmlab.records import read_metrics
+
+    tel = [r for r in read_metrics(run) if r["kind"] == "telemetry"]
+    assert [r["step"] for r in tel] == [1, 2]
+    assert any(k.startswith("grad_angle/") for k in tel[-1])
+    assert any(k.startswith("b_w_angle/blocks.1.") for k in tel[-1])
     assert ckpt["hooks"][0]["backward.2.sign_symmetry"] == {"steps": 2}
     assert ckpt["hooks"][1]["backward.3.kolen_pollack"].keys() == \
         ckpt["hooks"][0]["backward.3.kolen_pollack"].keys()
