@@ -147,7 +147,8 @@ class Rule:
 
 
 class _StepHooks:
-    """Calls `rule.on_step(optimizer)` before/after every optimizer step (global torch hooks)."""
+    """Calls `rule.before_step(opt)` / `after_step(opt)` around every optimizer step (torch's
+    global hooks; a Combined optimizer is skipped, its parts are stepped and seen)."""
 
     def __init__(self, rule: Any) -> None:
         from torch.optim.optimizer import (
