@@ -165,6 +165,9 @@ def table(sweep_dir: Path, plots: Path | None) -> None:
     print("|---|---|---|---|---|---|---|")
     means = {}
     for name, r in rows.items():
+        if not r["n"]:
+            print(f"| {name} | 0 | - | - | - | - | - |")
+            continue
         runs = [x for x in groups[name] if x["run_id"] in r["runs"]]
         tels = [last_telemetry(Path(x["dir"])) for x in runs]
         ga = [a for t in tels if (a := mean_of(t, "grad_angle/")) is not None]
