@@ -143,6 +143,7 @@ class TelemetryConfig:
     attention: bool = True  # entropy per layer and head
     logits: bool = True  # max logit, mean logsumexp
     histograms: bool = False  # weights and gradients, to TensorBoard
+    alignment: bool = added(True)  # learning rules: angles to backprop's gradient, and B to W
 
 
 @dataclass
@@ -201,7 +202,7 @@ BOOKKEEPING = [("run", "name"), ("run", "seed"), ("run", "out_dir"), ("train", "
 # mapping: it is hashed whole once set, as it always was. Fields added to it later get rows
 # of their own (train.finetune.new_key), which are dropped first.
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 ADDED: list[tuple[str, Any, int]] = [
     # (path, literal default when added, schema version)
@@ -232,6 +233,7 @@ ADDED: list[tuple[str, Any, int]] = [
     ("train.muon_lr", None, 5),
     ("train.muon_ns_dtype", "bfloat16", 6),
     ("train.embed_lr", None, 7),
+    ("telemetry.alignment", True, 8),
 ]
 
 # every key of the first release (schema version 1): always hashed

@@ -55,3 +55,27 @@ def test_identical_replicates_do_not_divide_by_zero():
     d = difference([2.0, 2.0], [2.5, 2.5])
     assert d["diff"] == pytest.approx(-0.5) and d["p"] == 0.0
     assert summarize([2.0, 2.0])["ci"] == [2.0, 2.0]
+
+
+def test_holm_adjusts_k_comparisons_and_the_verdicts_follow_the_adjusted_p():
+    from lmlab.runs.stats import adjust
+
+    base = [2.3, 2.35, 2.4]
+    ds = [difference([2.0, 2.1, 2.05], base), difference([2.3, 2.2, 2.35], base),
+          difference([2.25, 2.2, 2.28], base), difference([2.0], base)]
+    raw = [d["p"] for d in ds[:3]]
+    adjust(ds)
+    # Holm by hand: sort the p-values, multiply the i-th smallest by (k - i), keep it monotone
+    order = sorted(range(3), key=lambda i: raw[i])
+    expected, running = [0.0] * 3, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * raw[i]))
+        expected[i] = running
+    assert [d["p_adjusted"] for d in ds[:3]] == pytest.approx(expected)
+    assert all(d["p_method"] == "holm" for d in ds[:3]) and "p_adjusted" not in ds[3]
+    # raw p 0.048 passes alone, but not once it is one of three tests
+    assert raw[2] < 0.05 < ds[2]["p_adjusted"]
+    assert ds[2]["verdict"].startswith("no detectable difference at n = 3 (-0.107 nats, 95% CI")
+    assert "p = 0.048, Holm-adjusted p = 0.095 of k = 3" in ds[2]["verdict"]
+    assert ds[0]["verdict"] == ("lower by 0.300 ± 0.113 nats, p = 0.002, Holm-adjusted "
+                                "p = 0.005 of k = 3 (n = 3)")

@@ -261,3 +261,67 @@ def test_a_skipped_update_at_a_telemetry_step_leaves_no_hook_behind(make_config,
     assert [r["step"] for r in read_metrics(run) if r["kind"] == "skipped"] == [4]
     assert sorted(_telemetry(run)) == [8]
     assert all(not p._forward_hooks for p in trainer.state.adapter.hook_points().values())
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    cos = torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0)
+    return math.degrees(math.acos(cos.clamp(-1, 1).item()))
+
+
+def test_alignment_angles_equal_independent_computation(make_config):
+    """grad_angle: the rule's gradient vs backprop's on the step's last micro-batch, recomputed
+    on a fresh model with that step's weights; b_w_angle: FA's B (its documented draw) to W."""
+    import zlib
+
+    from lmlab.hooks.api import hooked
+
+    rule = {"name": "feedback_alignment", "at": "blocks.*", "seed": 3}
+    cfg = make_config(train={"grad_accum": 2}, hooks={"backward": [rule]},
+                      telemetry={"every": 4, "attention": False})
+    trainer = Trainer(cfg, progress=False)
+    spy = Spy(trainer)
+    run = trainer.run()
+    tel = _telemetry(run)
+    assert sorted(tel) == [4, 8]
+    for step, record in tel.items():
+        weights = {n: w for n, (w, _) in spy.before[step].items()}
+        model = build_adapter(cfg, 97)
+        model.network.load_state_dict(weights, strict=False)
+        x = spy.batches[2 * step - 1][0]
+
+        def grads(spec, model=model, x=x):
+            model.zero_grad(set_to_none=True)
+            with hooked(model, spec):
+                logits = model(x)[:, :-1]
+                torch.nn.functional.cross_entropy(logits.reshape(-1, 97),
+                                                  x[:, 1:].reshape(-1)).backward()
+            return {n: p.grad.clone() for n, p in model.network.named_parameters()}
+
+        ruled, true = grads({"backward": [rule]}), grads({})
+        changed = [n for n, p in model.network.named_parameters()
+                   if p.dim() >= 2 and not torch.equal(ruled[n], true[n])]
+        assert "blocks.0.attn.qkv.weight" in changed and "blocks.1.mlp.proj.weight" not in changed
+        assert sorted(k.removeprefix("grad_angle/") for k in record
+                      if k.startswith("grad_angle/")) == sorted(changed)
+        for n in changed:
+            assert record[f"grad_angle/{n}"] == pytest.approx(_angle(ruled[n], true[n]),
+                                                              abs=1e-3)
+        for layer in ("blocks.0.attn.qkv", "blocks.1.mlp.fc"):
+            w = weights[layer + ".weight"]
+            gen = torch.Generator().manual_seed(3 * 1_000_003 + zlib.crc32(layer.encode()))
+            b = torch.randn(w.shape, generator=gen) * 0.02
+            assert record[f"b_w_angle/{layer}"] == pytest.approx(_angle(b, w), abs=1e-3)
+
+
+@pytest.mark.parametrize("rule", [{"name": "dfa", "at": "blocks.*", "granularity": "sublayer"},
+                                  {"name": "kolen_pollack", "at": "blocks.*"}])
+def test_alignment_telemetry_changes_nothing_of_the_training(make_config, rule):
+    common = dict(model={"dropout": 0.1}, hooks={"backward": [rule]}, train={"grad_accum": 2})
+    off = train(make_config(run={"name": "off"}, **common), progress=False)
+    on = train(make_config(run={"name": "on"}, telemetry={"every": 2}, **common),
+               progress=False)
+    tel = _telemetry(on)
+    assert sorted(tel) == [2, 4, 6, 8] and _losses(on) == _losses(off)
+    angles = [v for k, v in tel[8].items() if k.startswith("grad_angle/")]
+    assert angles and all(0 < a < 180 for a in angles)
+    assert any(k.startswith("b_w_angle/") for k in tel[8]) == (rule["name"] != "dfa")

@@ -46,7 +46,8 @@ def add_plot(runs_subparsers: Any) -> None:
                     "where values span decades. Names: train/loss, train/lr, "
                     "train/tokens_per_s, eval/val_loss, eval/val_bpc, aux/<name>, and "
                     "telemetry's grad_norm/, weight_norm/, update_ratio/, act_rms/, act_mean/, "
-                    "act_max/, act_frac_nonpos/, attn_entropy/, logits_max, logits_lse_mean.")
+                    "act_max/, act_frac_nonpos/, attn_entropy/, logits_max, logits_lse_mean, "
+                    "and with a learning rule grad_angle/ and b_w_angle/ (degrees).")
     r.add_argument("runs", nargs="*", metavar="RUN", help="run folders or ids")
     r.add_argument("--metric", action="append", required=True, metavar="GLOB",
                    help="a metric name or glob (repeatable)")

@@ -15,7 +15,7 @@ experiment moves to a training run by copying its dicts into YAML.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,31 @@ def hooked(adapter: torch.nn.Module, spec: HooksConfig | dict[str, Any] | None =
         h.detach()
 
 
+class _Tap(torch.autograd.Function):
+    """Identity whose backward stores the gradient arriving at it under `name`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, store: dict, name: str) -> torch.Tensor:
+        ctx.store, ctx.name = store, name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.store[ctx.name] = grad.detach()
+        return grad, None, None
+
+
+def next_token_loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The training loss: cross-entropy of each position's prediction of the next token."""
+    logits = logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                             idx[:, 1:].reshape(-1))
+
+
 def run_with_cache(adapter: torch.nn.Module, idx: torch.Tensor,
-                   names: list[str] | str | None = None, detach: bool = True
+                   names: list[str] | str | None = None, detach: bool = True,
+                   incl_bwd: bool = False,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(logits, {point name: activation}) of one forward pass, for the points `names` globs select.
 
@@ -61,6 +84,15 @@ def run_with_cache(adapter: torch.nn.Module, idx: torch.Tensor,
     and pattern too and so takes the explicit (non-fused) attention path; name
     the points you need to keep the fused kernel. Activations are detached
     unless `detach` is false (then gradients can flow from them).
+
+    `incl_bwd` (TransformerLens's name and meaning): also run backward from
+    `loss_fn(logits, idx)` (default: the next-token loss) and cache each
+    point's gradient under `<name>_grad`; parameters get their `.grad` as after
+    any backward. The gradient is the one reaching the activation the point
+    computed, under every hook and learning rule in force (DFA's feedback at a
+    block output, say). A norm's points (`ln*.hook_scale`, `hook_normalized`)
+    get theirs too: tapped, the norm's output is rebuilt from them, the same
+    values to float rounding, so they lie on the gradient's path.
     """
     points = adapter.hook_points()
     patterns = [names] if isinstance(names, str) else names
@@ -71,6 +103,7 @@ def run_with_cache(adapter: torch.nn.Module, idx: torch.Tensor,
         for p in patterns:
             match_points(p, list(points))  # an error listing the real points if p matches none
     cache: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
 
     def recorder(name: str):
         def hook(module, inputs, output):
@@ -78,8 +111,24 @@ def run_with_cache(adapter: torch.nn.Module, idx: torch.Tensor,
 
         return hook
 
+    def tap(name: str):
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                return _Tap.apply(output, grads, name + "_grad")
+            return None
+
+        return hook
+
     with PointHooks(points) as attached:
         for name in chosen:
+            if incl_bwd:  # first, so a rule's hook at the point acts on the tapped value
+                attached.add(name, tap(name), prepend=True)
             attached.add(name, recorder(name))
-        logits = adapter(idx)
+        if incl_bwd:
+            with torch.enable_grad():
+                logits = adapter(idx)
+                (loss_fn or next_token_loss)(logits, idx).backward()
+        else:
+            logits = adapter(idx)
+    cache.update({k: grads[k] for k in (n + "_grad" for n in chosen) if k in grads})
     return logits, cache

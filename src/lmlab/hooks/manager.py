@@ -140,6 +140,9 @@ class ExperimentHooks:
                         self._objects.append(fn)
                 else:
                     self._hooks.add(point, _wrap(point, fn, where))
+            for obj in self._objects:  # e.g. a learning rule whose points held no linear
+                if hasattr(obj, "check_attached"):
+                    obj.check_attached()
             recorded = {p for _, weight, _, matched in self.aux if weight for p in matched}
             for point in sorted(recorded):
                 self._hooks.add(point, self._recorder(point))

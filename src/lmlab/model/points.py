@@ -93,9 +93,10 @@ class PointHooks:
         self.points = points
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def add(self, name: str, hook) -> None:
-        """Run `hook(module, inputs, output)` after point `name`'s forward (it may replace it)."""
-        self.handles.append(self.points[name].register_forward_hook(hook))
+    def add(self, name: str, hook, prepend: bool = False) -> None:
+        """Run `hook(module, inputs, output)` after point `name`'s forward (it may replace it);
+        `prepend` runs it before the point's other hooks."""
+        self.handles.append(self.points[name].register_forward_hook(hook, prepend=prepend))
 
     def keep(self, handles: list) -> None:
         """Handles something attached itself (a hook's own `attach`), removed with the rest."""

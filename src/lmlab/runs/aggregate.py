@@ -19,7 +19,7 @@ from typing import Any
 
 from lmlab.errors import LmlabError
 from lmlab.records import metrics_problems, read_manifest
-from lmlab.runs.stats import difference, summarize
+from lmlab.runs.stats import adjust, difference, summarize
 
 METRICS = ("final_val", "best_val")
 SETUP = (("device", "device"), ("dtype", "dtype"), ("data_hash", "data"),
@@ -157,6 +157,7 @@ def _rows(kept: dict[str, list[dict[str, Any]]], baseline: str,
             else:
                 row["vs_baseline"] = difference(values, [r[metric] for r in base])
         rows[name] = row
+    adjust([r["vs_baseline"] for r in rows.values() if "vs_baseline" in r])  # k tests: Holm
     return rows
 
 

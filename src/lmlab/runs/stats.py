@@ -5,6 +5,12 @@ report gives its 95% t interval, and a difference against the baseline gets
 Welch's t-test (no equal-variance assumption) and a bootstrap interval of the
 difference of means, all from scipy.stats. With fewer than two replicates on a
 side there is no interval, and the verdict says why instead of guessing.
+
+k variants against one baseline are k tests: by chance alone one of them will
+pass at 5% far more often than 5% of the time. `adjust` applies Holm's
+step-down correction (statsmodels' `multipletests`, method "holm"), which keeps
+the chance of any false "different" at 5% whatever the tests' dependence, and
+the verdicts are then read off the adjusted p-values.
 """
 
 from __future__ import annotations
@@ -67,15 +73,44 @@ def difference(variant: list[float], baseline: list[float], unit: str = "nats",
     return out
 
 
-def verdict(diff: float, ci: list[float], p: float, n_a: int, n_b: int, unit: str) -> str:
-    """A plain sentence: 'lower by 0.031 ± 0.012 nats, p = 0.002' or 'no detectable ...'."""
+HOLM = "holm"
+
+
+def adjust(diffs: list[dict[str, Any]], method: str = HOLM, unit: str = "nats") -> None:
+    """Add `p_adjusted` and `p_method` to each difference, and base its verdict on them.
+
+    The raw `p` stays; a difference without a test (too few seeds) takes no part.
+    A single test is its own adjustment: its verdict is left as it was.
+    """
+    from statsmodels.stats.multitest import multipletests
+
+    tested = [d for d in diffs if d.get("p") is not None and not math.isnan(d["p"])]
+    if not tested:
+        return
+    adjusted = multipletests([d["p"] for d in tested], alpha=1 - LEVEL, method=method)[1]
+    for d, p_adj in zip(tested, adjusted, strict=True):
+        d["p_adjusted"], d["p_method"] = float(p_adj), method
+        if len(tested) > 1:
+            d["verdict"] = verdict(d["diff"], d["ci"], float(p_adj), *d["n"], unit,
+                                   raw_p=d["p"], method=method, k=len(tested))
+
+
+def verdict(diff: float, ci: list[float], p: float, n_a: int, n_b: int, unit: str,
+            raw_p: float | None = None, method: str | None = None, k: int = 1) -> str:
+    """A plain sentence: 'lower by 0.031 ± 0.012 nats, p = 0.002' or 'no detectable ...'.
+
+    With `method`, `p` is the adjusted p-value of one of `k` tests and `raw_p`
+    the test's own; both are named: '..., p = 0.004, Holm-adjusted p = 0.012 of k = 3'.
+    """
     n = f"n = {n_a}" if n_a == n_b else f"n = {n_a} vs {n_b}"
     half = (ci[1] - ci[0]) / 2
+    ps = _p(p) if method is None else (f"{_p(raw_p)}, {method.capitalize()}-adjusted "
+                                       f"{_p(p)} of k = {k}")
     if p is None or math.isnan(p) or p >= 1 - LEVEL:
         return (f"no detectable difference at {n} ({diff:+.3f} {unit}, 95% CI "
-                f"[{ci[0]:+.3f}, {ci[1]:+.3f}], {_p(p)})")
+                f"[{ci[0]:+.3f}, {ci[1]:+.3f}], {ps})")
     word = "lower" if diff < 0 else "higher"
-    return f"{word} by {abs(diff):.3f} ± {half:.3f} {unit}, {_p(p)} ({n})"
+    return f"{word} by {abs(diff):.3f} ± {half:.3f} {unit}, {ps} ({n})"
 
 
 def _p(p: float | None) -> str:

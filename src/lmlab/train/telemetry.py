@@ -15,6 +15,14 @@ metrics.jsonl (and so to TensorBoard), with stable names:
   pass with dropout off and the RNG untouched.
 * `logits_max`, `logits_lse_mean`: the largest logit and the mean logsumexp
   (the "z" that z-loss keeps near 0) of that step's training forward passes.
+* With a learning rule attached (`lmlab.hooks.rules`, `telemetry.alignment`):
+  `grad_angle/<param>`, the angle (degrees) between the gradient the rule
+  gives each weight matrix it changes and backprop's, both on that step's
+  last micro-batch (the next-token loss on its own tokens), from two extra
+  forward/backward passes in train mode under one forked RNG (the same
+  dropout for both, the training stream untouched, `.grad` untouched);
+  `b_w_angle/<layer>`, the angle between a linear's feedback matrix B and its
+  weight W (feedback alignment, sign-symmetry, Kolen-Pollack).
 
 Everything is measured through forward hooks that are registered for that step
 only and removed right after, so at every other step no point is hooked and
@@ -29,6 +37,7 @@ whole batch.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +46,7 @@ import torch.distributed as torch_dist
 
 from lmlab.config import TelemetryConfig
 from lmlab.errors import LmlabError
+from lmlab.hooks import rules
 from lmlab.model.points import PointHooks, match_points
 from lmlab.records import MetricsLog, warn
 from lmlab.train.distributed import DistInfo
@@ -189,6 +199,8 @@ class Probe:
                     tel.histogram(f"grads/{name}", _full(p.grad), self.step)
         if tel.pattern_points:
             self._attention(x)
+        if tel.cfg.alignment and not tel.dist.sharded:
+            self._alignment(x)
 
     def _attention(self, x: torch.Tensor) -> None:
         tel = self.tel
@@ -207,6 +219,40 @@ class Probe:
                 # FSDP keeps the root's weights gathered after a forward pass; the clipping
                 # and the optimizer step that follow must see its shards again
                 tel.adapter.reshard()
+
+    def _alignment(self, x: torch.Tensor) -> None:
+        """Angles of each rule's gradient to backprop's (same batch, same dropout) and of B to W."""
+        active = rules.active(self.tel.adapter)
+        if not active:
+            return
+        tel = self.tel
+        params = [(n, p) for n, p in tel.params if p.dim() >= 2]
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            start = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            ruled = self._grads(x, params)
+            torch.set_rng_state(start[0])
+            for d, state in zip(devices, start[1], strict=True):
+                torch.cuda.set_rng_state(state, d)
+            with rules.bypass():
+                true = self._grads(x, params)
+        for (name, _), g, t in zip(params, ruled, true, strict=True):
+            if t is None or (g is not None and torch.equal(g, t)):
+                continue  # a weight the rule leaves on backprop's gradient
+            g = torch.zeros_like(t) if g is None else g
+            self._add(self.data_sums, f"grad_angle/{name}", _dots(_local(g), _local(t)))
+        for rule in active:
+            for layer, (b, w) in rule.feedback_pairs().items():
+                self._add(self.shard_sums, f"b_w_angle/{layer}", _dots(_local(b), _local(w)))
+
+    def _grads(self, x: torch.Tensor, params: list) -> list[torch.Tensor | None]:
+        """d(next-token loss on x)/d(each param), without touching `.grad`."""
+        with torch.enable_grad(), self.tel.forward_context():
+            logits = self.tel.adapter(x)
+        logits = logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                 x[:, 1:].reshape(-1))
+        return list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
 
     def after_update(self) -> None:
         """After optimizer.step(): the update norms; then reduce over ranks and record."""
@@ -242,6 +288,19 @@ class Probe:
         return out
 
 
+def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a.b, a.a, b.b): summed over ranks or shards, they still give the angle."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    return torch.stack([a @ b, a @ a, b @ b])
+
+
+def _angle(dot: float, aa: float, bb: float) -> float:
+    """The angle in degrees between two vectors from their dot products (90 if one is 0)."""
+    if aa <= 0 or bb <= 0:
+        return 90.0
+    return math.degrees(math.acos(max(-1.0, min(1.0, dot / math.sqrt(aa * bb)))))
+
+
 def _values(data: dict[str, torch.Tensor], shards: dict[str, torch.Tensor],
             maxima: dict[str, torch.Tensor]) -> dict[str, float]:
     """Reduced sums and maxima -> the recorded figures under their stable names."""
@@ -250,6 +309,9 @@ def _values(data: dict[str, torch.Tensor], shards: dict[str, torch.Tensor],
         kind, name = key.split("/", 1)
         if kind in ("grad_norm", "weight_norm"):
             out[key] = s.sqrt().item()
+    for key, s in (*shards.items(), *data.items()):
+        if key.startswith(("grad_angle/", "b_w_angle/")):
+            out[key] = _angle(*s.tolist())
     for key, s in shards.items():
         kind, name = key.split("/", 1)
         if kind == "update" and out[f"weight_norm/{name}"] > 0:  # undefined at zero (a bias)
