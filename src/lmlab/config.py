@@ -124,6 +124,9 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     activation_checkpointing: bool = False  # imported models: recompute blocks in backward
+    # imported models: the head and cross-entropy in row chunks, never the full logits (unless
+    # something hooks hook_logits); off: logits, then cross-entropy, as from-scratch models do
+    fused_loss: bool = added(True)
 
 
 @dataclass

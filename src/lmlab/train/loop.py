@@ -34,7 +34,7 @@ from lmlab.hooks.manager import ExperimentHooks
 from lmlab.model.adapters import adapter_from_checkpoint
 from lmlab.model.build import build_adapter
 from lmlab.model.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints
-from lmlab.model.finetune import check_resume, use_activation_checkpointing
+from lmlab.model.finetune import check_resume, speed_choices, use_activation_checkpointing
 from lmlab.train import distributed, faults
 from lmlab.train.optim import build_optimizer, lr_multiplier, set_lr
 from lmlab.train.telemetry import Telemetry
@@ -121,6 +121,11 @@ class Trainer:
             use_activation_checkpointing(self.adapter)
         if cfg.model.dtype != "float32":
             self.adapter.to(getattr(torch, cfg.model.dtype))
+        self.fused_loss = t.fused_loss and getattr(self.adapter, "fuses_loss", False)
+        if speed := speed_choices(self.adapter, self.dtype, self.fused_loss):
+            self.manifest_extra["speed"] = speed
+            if progress and self.dist.is_main:
+                print("fine-tuning step: " + "; ".join(speed), flush=True)
         if not self.dist.sharded:  # FSDP moves each rank's shards to its device itself
             self.adapter.to(self.device)
         self.hooks = ExperimentHooks(cfg.hooks, self.adapter)
@@ -371,8 +376,8 @@ class Trainer:
             x, y = self.batcher.next()
             with self.dist.no_sync(self.model, last=micro == t.grad_accum - 1):
                 with autocast(self.device, self.dtype):
-                    logits = self.model(x)
-                loss = cross_entropy(logits, y)
+                    out = self.model(x, targets=y) if self.fused_loss else self.model(x)
+                loss = out if self.fused_loss else cross_entropy(out, y)
                 aux = self.hooks.aux_losses()
                 total = loss + sum(aux.values()) if aux else loss
                 value = loss.item()
