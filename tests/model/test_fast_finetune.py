@@ -133,11 +133,13 @@ def test_bf16_lora_run_says_what_it_chose_and_its_checkpoint_loads_in_fp32(
         "model": {"model_name": "tiny"},
         "train": {"batch_size": 2, "max_steps": 3, "lr": 1e-2, "warmup_steps": 1,
                   "eval_every": 3, "eval_batches": 1, "checkpoint_every": 3, "log_every": 1,
+                  "sample_every": 3,
                   "device": "cpu", "dtype": "bfloat16", "finetune": dict(LORA)}})
     run = train(cfg, progress=True)
     assert "frozen weights stored in bf16" in capsys.readouterr().out
     speed = read_manifest(run)["speed"]
     assert speed[0] == "autocast bfloat16" and any("chunked head" in s for s in speed)
+    assert "--- step 3" in (run / "samples.txt").read_text()  # sampling runs on bf16 weights
     losses = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert len(losses) == 3 and all(0 < v < 10 for v in losses)
     adapter, _ = load_adapter(run, models_root=shared)  # rebuilt on the fp32 base

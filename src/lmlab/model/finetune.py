@@ -195,6 +195,11 @@ def speed_choices(adapter: Any, dtype: str, fused_loss: bool) -> list[str]:
     if dtype == "bfloat16" and is_lora(adapter.meta):
         n = store_frozen_in(adapter, torch.bfloat16)
         chosen.append(f"{n / 1e6:.1f} M frozen weights stored in bf16 once (LoRA weights fp32)")
+        # PEFT casts a LoRA layer's input to its weights' fp32, which autocast casts straight
+        # back: the same numbers, two copies per layer; autocast alone does it once
+        for m in adapter.model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
     if fused_loss:
         chosen.append("chunked head + cross-entropy (no full logits)")
     if is_lora(adapter.meta) and not adapter.lora.spec["dropout"]:

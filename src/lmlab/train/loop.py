@@ -444,8 +444,9 @@ class Trainer:
         if not (self.dist.is_main or self.dist.sharded):
             return
         tok = self.adapter.tokenizer
-        text = tok.decode(generate(self.adapter, tok.encode("\n"), 200, temperature=0.8,
-                                   top_k=40, seed=self.cfg.run.seed))
+        with autocast(self.device, self.dtype):  # as in training (weights may be stored in bf16)
+            text = tok.decode(generate(self.adapter, tok.encode("\n"), 200, temperature=0.8,
+                                       top_k=40, seed=self.cfg.run.seed))
         if self.dist.is_main:
             with open(self.run_dir / "samples.txt", "a") as f:
                 f.write(f"--- step {self.step}\n{text}\n")
