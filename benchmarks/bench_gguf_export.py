@@ -29,14 +29,14 @@ from bench_finetune_smollm2 import gguf_path  # noqa: E402
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def val_loss(forward, tokens: np.ndarray) -> tuple[float, torch.Tensor]:
+def val_loss(forward, tokens: np.ndarray, windows: int = 40) -> tuple[float, torch.Tensor]:
     """Mean next-token loss over the demo's subset, and the first window's logits."""
     from lmlab.data.batcher import eval_batches
     from lmlab.eval.metrics import cross_entropy
 
     total, count, first = 0.0, 0, None
     with torch.no_grad():
-        for x, y in eval_batches(tokens, 256, 4, "cpu", 40):
+        for x, y in eval_batches(tokens, 256, 4, "cpu", windows):
             logits = forward(x)
             first = logits[0] if first is None else first
             total += cross_entropy(logits, y, reduction="sum").item()
@@ -50,6 +50,9 @@ def main() -> None:
                     "imported base model itself)")
     ap.add_argument("--models-dir", help="a registry holding smollm2-135m-instruct")
     ap.add_argument("--corpus", default=str(CORPUS))
+    ap.add_argument("--outtypes", nargs="+", default=None, help="default: all four")
+    ap.add_argument("--windows", type=int, default=40, help="evenly spaced 256-token windows "
+                    "of the val split (40: the demo's eval_batches 10 x batch 4)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(describe())
@@ -75,18 +78,19 @@ def main() -> None:
         adapter = adapter_class("llama").from_registry(registry.resolve(name, root))
         ckpt = save_checkpoint(work / "run" / "ckpt_0000000.pt", adapter, step=0, config={})
     adapter = load_adapter(ckpt, models_root=root)[0].eval()
-    ref, ref_logits = val_loss(adapter, val)
-    print(f"checkpoint: {ckpt} | subset: 40 windows x 256 tokens of tinyshakespeare's val split")
+    ref, ref_logits = val_loss(adapter, val, args.windows)
+    print(f"checkpoint: {ckpt} | subset: {args.windows} windows x 256 tokens of "
+          "tinyshakespeare's val split")
     print(f"lmlab float32 val loss: {ref:.4f}\n")
     print(f"{'outtype':<8} {'file MB':>8} {'export s':>9} {'val loss':>9} {'delta':>8} "
           f"{'max|dlogit|':>11}")
-    for outtype in OUTTYPES:
+    for outtype in args.outtypes or OUTTYPES:
         t = time.perf_counter()
         out = export_gguf(ckpt, work / f"m-{outtype}.gguf", outtype=outtype, root=root)
         secs = time.perf_counter() - t
         model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=out.name,
                                                      dtype=torch.float32).eval()
-        loss, logits = val_loss(lambda x, m=model: m(x).logits, val)
+        loss, logits = val_loss(lambda x, m=model: m(x).logits, val, args.windows)
         print(f"{outtype:<8} {out.stat().st_size / 2**20:>8.1f} {secs:>9.1f} {loss:>9.4f} "
               f"{loss - ref:>+8.4f} {(logits - ref_logits).abs().max().item():>11.4f}",
               flush=True)

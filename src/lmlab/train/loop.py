@@ -9,6 +9,7 @@ same losses step for step.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import os
@@ -122,10 +123,11 @@ class Trainer:
         if cfg.model.dtype != "float32":
             self.adapter.to(getattr(torch, cfg.model.dtype))
         self.fused_loss = t.fused_loss and getattr(self.adapter, "fuses_loss", False)
-        if speed := speed_choices(self.adapter, self.dtype, self.fused_loss):
-            self.manifest_extra["speed"] = speed
+        self.speed = speed_choices(self.adapter, self.dtype, self.fused_loss)  # [] if from scratch
+        if self.speed:
+            self.manifest_extra["speed"] = self.speed
             if progress and self.dist.is_main:
-                print("fine-tuning step: " + "; ".join(speed), flush=True)
+                print("fine-tuning step: " + "; ".join(self.speed), flush=True)
         if not self.dist.sharded:  # FSDP moves each rank's shards to its device itself
             self.adapter.to(self.device)
         self.hooks = ExperimentHooks(cfg.hooks, self.adapter)
@@ -444,7 +446,8 @@ class Trainer:
         if not (self.dist.is_main or self.dist.sharded):
             return
         tok = self.adapter.tokenizer
-        with autocast(self.device, self.dtype):  # as in training (weights may be stored in bf16)
+        # an imported model samples under the run's autocast: its frozen weights may be bf16
+        with autocast(self.device, self.dtype) if self.speed else contextlib.nullcontext():
             text = tok.decode(generate(self.adapter, tok.encode("\n"), 200, temperature=0.8,
                                        top_k=40, seed=self.cfg.run.seed))
         if self.dist.is_main:
