@@ -25,6 +25,14 @@ state (weights, optimizer state) each keeps resident.
     python benchmarks/bench_finetune_smollm2.py [--steps 3] [--batches 1 4] [--json out.json]
     python benchmarks/bench_finetune_smollm2.py --lora [--steps 3]
     python benchmarks/bench_finetune_smollm2.py --qwen05b [--steps 2] [--batches 1]
+    python benchmarks/bench_finetune_smollm2.py --speed [--steps 3]
+
+`--speed` is issue 21's table, all in one invocation so that every ratio is measured under
+the same load: FLOPs per token of a LoRA and a full step, the measured fp32 and bf16 matmul
+peak on SmolLM2's shapes, and for lmlab LoRA and full (as the loop runs them: chunked head +
+cross-entropy, and under bf16 the frozen weights stored in bf16 once) and the plain peft +
+transformers loops, in fp32 and bf16 autocast: tokens/s, useful GFLOP/s as a fraction of
+that dtype's peak, and each runner's peak memory (a fresh process each).
 """
 
 from __future__ import annotations
@@ -179,6 +187,158 @@ def smollm2_runners(entry: dict, names: list[str]) -> dict:
 
 
 SMOLLM2 = ["lmlab_lora", "lmlab_full", "peft_transformers"]
+# --speed: (runner, dtype); a full fine-tune's model and optimizer serve both of its dtypes
+SPEED = [("lmlab_lora", "bfloat16"), ("lmlab_lora", "float32"), ("lmlab_full", "bfloat16"),
+         ("lmlab_full", "float32"), ("plain_lora", "bfloat16"), ("plain_lora", "float32"),
+         ("plain_full", "bfloat16"), ("plain_full", "float32")]
+
+
+def loss_step(loss_fn, opt: torch.optim.Optimizer, dtype: str):
+    """One training step: loss_fn(x, y) under autocast, backward, AdamW."""
+    from lmlab.device import autocast
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        with autocast(torch.device("cpu"), dtype):
+            loss = loss_fn(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    step.optimizer = opt
+    return step
+
+
+def speed_runners(entry: dict, wanted: list[tuple[str, str]]) -> dict:
+    """The --speed runners, keyed 'runner/dtype'. lmlab's take the loss from
+    forward(x, targets=y) as the loop does (the chunked head); the plain loops take
+    `model(input_ids=x).logits` and cross-entropy."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmlab.config import FinetuneConfig
+    from lmlab.eval.metrics import cross_entropy
+    from lmlab.model.adapters import adapter_class
+    from lmlab.model.finetune import apply_lora, lora_spec, speed_choices
+
+    ft = FinetuneConfig(method="lora")
+    cls = adapter_class(entry["architecture_type"])
+    models: dict[str, tuple] = {}
+    runners = {}
+    for name, dtype in wanted:
+        if name not in models or name == "lmlab_lora":
+            if name.startswith("lmlab"):
+                m = cls.from_registry(entry).train()
+                if name == "lmlab_lora":
+                    apply_lora(m, lora_spec(ft, entry["weights_sha256"]))
+                    speed_choices(m, dtype, True)
+            else:
+                m = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,
+                                                         attn_implementation="sdpa").train()
+                if name == "plain_lora":
+                    m = get_peft_model(m, LoraConfig(
+                        r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
+                        target_modules=ft.target_modules, task_type="CAUSAL_LM")).train()
+            opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5,
+                                    weight_decay=0.0, fused=False)
+            models[name] = (m, opt)
+        m, opt = models[name]
+        if name.startswith("lmlab"):
+            fn = lambda x, y, m=m: m(x, targets=y)  # noqa: E731
+        else:
+            fn = lambda x, y, m=m: cross_entropy(m(input_ids=x).logits.float(), y)  # noqa: E731
+        runners[f"{name}/{dtype}"] = loss_step(fn, opt, dtype)
+    return runners
+
+
+def flops_per_token(entry: dict, context: int) -> dict[str, float]:
+    """Useful FLOPs per trained token: the matmuls a step must do (attention scores included).
+
+    LoRA: forward 2N, backward the input gradients only 2N, N = the weights that multiply
+    (the tied head counted, the embedding lookup not), plus LoRA's own 6 x its weights.
+    Full: 6N. Attention: QK^T and AV, causal (T/2 keys on average), 3x forward with backward.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(entry["path"])
+    d, f, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
+    n = L * per_layer + V * d
+    lora_n = L * 16 * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d))
+    attn = 3 * L * 2 * 2 * (context / 2) * q
+    return {"lora": 4 * n + 6 * lora_n + attn, "full": 6 * n + attn, "n": n}
+
+
+def matmul_peak_shape(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """Best GFLOP/s of an (m x k) @ (k x n) matmul over ~`seconds`."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def process_peak(runner: str, argv: list[str]) -> float:
+    """A runner's whole-process peak RSS (weights, optimizer state, a step), in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", f"speed:{runner}"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def speed_rows(entry: dict, steps: int, context: int, argv: list[str]) -> list[dict]:
+    x, y = batch_ids(49152, 4, context)
+    tokens = 4 * context
+    fl = flops_per_token(entry, context)
+    print(f"FLOPs per token (batch 4 x {context}): LoRA {fl['lora'] / 1e9:.3f} G, full "
+          f"{fl['full'] / 1e9:.3f} G ({fl['n'] / 1e6:.1f} M weights that multiply)")
+    shape = (tokens, 576, 1536)
+    peaks = {dt: matmul_peak_shape(getattr(torch, dt), *shape) for dt in ("float32", "bfloat16")}
+    print(f"matmul peak on SmolLM2's shape {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}: "
+          f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s "
+          f"({load_str()})", flush=True)
+    runners = speed_runners(entry, SPEED)
+    losses = {k: r(x, y) for k, r in runners.items()}  # warm-up, and the first-step losses
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(steps):
+        for k, r in runners.items():
+            t = time.perf_counter()
+            r(x, y)
+            times[k].append(time.perf_counter() - t)
+    del runners
+    print(f"  {steps} interleaved timed steps per runner, median ({load_str()}); peak memory: "
+          "one fresh process per runner", flush=True)
+    rows = []
+    for k, dtype_times in times.items():
+        name, dtype = k.split("/")
+        sec = statistics.median(dtype_times)
+        kind = "lora" if "lora" in name else "full"
+        gflops = fl[kind] * tokens / sec / 1e9
+        row = {"runner": name, "dtype": dtype, "tok_s": tokens / sec, "gflop_s": gflops,
+               "peak_fraction": gflops / peaks[dtype], "first_loss": losses[k],
+               "peak_mib": process_peak(k, argv)}
+        rows.append(row)
+        print(f"  {name:>11} {dtype:>8}: {row['tok_s']:6.1f} tok/s, {gflops:5.0f} GFLOP/s = "
+              f"{row['peak_fraction']:5.1%} of {dtype} peak, peak memory "
+              f"{row['peak_mib']:5.0f} MiB, first-step loss {row['first_loss']:.4f}", flush=True)
+    by = {(r["runner"], r["dtype"]): r for r in rows}
+    best = {kind: max(by[(f"plain_{kind}", d)]["tok_s"] for d in ("float32", "bfloat16"))
+            for kind in ("lora", "full")}
+    lora = max(by[("lmlab_lora", d)]["tok_s"] for d in ("float32", "bfloat16"))
+    full = max(by[("lmlab_full", d)]["tok_s"] for d in ("float32", "bfloat16"))
+    lb, fb = by[("lmlab_lora", "bfloat16")], by[("lmlab_full", "bfloat16")]
+    print(f"  lmlab LoRA / best plain LoRA loop: {lora / best['lora']:.2f}x (target >= 1.5); "
+          f"lmlab full / best plain full loop: {full / best['full']:.2f}x (target >= 1.3)")
+    print(f"  LoRA bf16: {lb['peak_fraction']:.1%} of the bf16 peak (target >= 70%); LoRA peak "
+          f"memory / full's (bf16): {lb['peak_mib'] / fb['peak_mib']:.2f} (target <= 0.6); "
+          f"bf16 - fp32 first-step loss (LoRA): "
+          f"{lb['first_loss'] - by[('lmlab_lora', 'float32')]['first_loss']:+.4f} "
+          f"({load_str()})", flush=True)
+    return rows
 QWEN05B = ["full", "lora", "lora_ckpt"]
 
 
@@ -275,6 +435,13 @@ def qwen05b_rows(steps: int, batch: int, context: int, argv: list[str]) -> list[
 
 def memory_of(spec: str, args: argparse.Namespace, entry: dict | None) -> None:
     section, runner = spec.split(":")
+    if section == "speed":
+        step = speed_runners(entry, [tuple(runner.split("/"))])[runner]
+        x, y = batch_ids(49152, 4, args.context)
+        step(x, y)
+        step(x, y)
+        print(json.dumps({"peak_mib": peak_rss_mib()}))
+        return
     if section == "smollm2":
         step = smollm2_runners(entry, [runner])[runner]
         x, y = batch_ids(49152, 4, args.context)
@@ -297,6 +464,8 @@ def main() -> None:
                     "a peft + transformers loop on SmolLM2-135M, batch 4, fp32")
     ap.add_argument("--qwen05b", action="store_true", help="instead: a Qwen2.5-0.5B-shaped "
                     "random model, full vs LoRA vs LoRA + activation checkpointing")
+    ap.add_argument("--speed", action="store_true", help="instead: issue 21's table (FLOPs per "
+                    "token, matmul peaks, LoRA / full / plain loops in fp32 and bf16)")
     ap.add_argument("--memory-of", help=argparse.SUPPRESS)  # SECTION:RUNNER, in a fresh process
     args = ap.parse_args()
     argv = [a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
@@ -328,6 +497,11 @@ def main() -> None:
         return memory_of(args.memory_of, args, entry)
     print(f"model {name}: {entry['num_params'] / 1e6:.1f}M params (ready in "
           f"{time.perf_counter() - t0:.0f}s), torch threads {torch.get_num_threads()}")
+    if args.speed:
+        rows = speed_rows(entry, args.steps, args.context, argv + ["--models-dir", str(root)])
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     if args.lora:
         rows = lora_rows(entry, args.steps, args.context, argv + ["--models-dir", str(root)])
         if args.json:

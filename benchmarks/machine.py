@@ -35,13 +35,16 @@ def describe() -> str:
             f"fast bf16: {fast_bf16(torch.device('cpu'))} | load avg {load:.2f}")
 
 
-def matmul_peak(dtype: torch.dtype, n: int, seconds: float = 1.5) -> float:
-    """Best GFLOP/s of an n x n matmul over ~`seconds` (best, since others' load only slows it)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def matmul_peak(dtype: torch.dtype, n: int | tuple[int, int, int], seconds: float = 1.5
+                ) -> float:
+    """Best GFLOP/s of an n x n matmul, or of (m x k) @ (k x p) for n = (m, k, p), over
+    ~`seconds` (best, since others' load only slows it)."""
+    m, k, p = (n, n, n) if isinstance(n, int) else n
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, p).to(dtype)
     a @ b
     best, end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
         a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+        best = max(best, 2 * m * k * p / (time.perf_counter() - t0) / 1e9)
     return best

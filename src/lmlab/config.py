@@ -122,6 +122,9 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     activation_checkpointing: bool = False  # imported models: recompute blocks in backward
+    # imported models: the head and cross-entropy in row chunks, never the full logits (unless
+    # something hooks hook_logits); off: logits, then cross-entropy, as from-scratch models do
+    fused_loss: bool = added(True)
 
 
 @dataclass
@@ -234,6 +237,7 @@ ADDED: list[tuple[str, Any, int]] = [
     ("train.muon_ns_dtype", "bfloat16", 6),
     ("train.embed_lr", None, 7),
     ("telemetry.alignment", True, 8),
+    ("train.fused_loss", True, 8),
 ]
 
 # every key of the first release (schema version 1): always hashed

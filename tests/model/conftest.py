@@ -104,3 +104,33 @@ def hf_folder_factory(tmp_path: Path, qwen_tokenizer_dir: Path):
         return make_hf_folder(folder, kind, qwen_tokenizer_dir, **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 300-token byte-level BPE with Qwen2's split regex and three chat specials (ids 0-2).
+
+    For tests that read a whole vocabulary through slow readers (GGUF files are parsed string
+    by string): Qwen's 151k tokens take a minute there, these take milliseconds.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=QWEN_SPECIALS[:3],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["Hello world, wherefore art thou? The quick brown fox."] * 20,
+                            trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=QWEN_SPECIALS[0],
+                                 pad_token=QWEN_SPECIALS[0], bos_token=QWEN_SPECIALS[1])
+    hf.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>"
+                        "{% endfor %}")
+    out = tmp_path_factory.mktemp("bpe_tokenizer")
+    hf.save_pretrained(str(out))
+    return out

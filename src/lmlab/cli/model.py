@@ -91,6 +91,21 @@ def cmd_models(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from lmlab.model.export import export_checkpoint
 
+    if args.format == "gguf":
+        from lmlab.model.export_gguf import export_gguf
+
+        outtype = args.outtype or "f32"
+        out = export_gguf(args.checkpoint, args.out, outtype=outtype, force=args.force,
+                          root=args.models_dir)
+        print(f"Exported {args.checkpoint} to {out} (GGUF, {outtype}): run it with "
+              f"`llama-cli -m {out}`, load it with AutoModelForCausalLM.from_pretrained(DIR, "
+              f"gguf_file='{out.name}'), or `lmlab import-model {out}`.")
+        return
+    if args.outtype:
+        from lmlab.errors import LmlabError
+
+        raise LmlabError("--outtype applies to --format gguf; a Hugging Face folder keeps the "
+                         "checkpoint's dtype. Drop --outtype or add --format gguf.")
     out = export_checkpoint(args.checkpoint, args.out, force=args.force, root=args.models_dir,
                             merge=args.merge)
     if (out / "adapter_config.json").is_file():
@@ -155,18 +170,27 @@ def add_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser(
-        "export", help="write a checkpoint as a Hugging Face folder",
+        "export", help="write a checkpoint as a Hugging Face folder or a GGUF file",
         description="Write a checkpoint as a Hugging Face folder (config.json, "
         "model.safetensors, tokenizer files, README.md model card) that AutoModelForCausalLM "
         "and AutoTokenizer load without lmlab. A fine-tune of an imported model keeps its "
         "architecture and names its base model; a from-scratch character model becomes GPT-2 "
         "(exact GELU, learned or sinusoidal positions; rotary is refused) with a "
         "character-level tokenizer of the same 97 ids. A LoRA fine-tune is written as a PEFT "
-        "adapter folder (PeftModel.from_pretrained(base, DIR)) unless --merge is given.")
+        "adapter folder (PeftModel.from_pretrained(base, DIR)) unless --merge is given. "
+        "With --format gguf an imported Llama-family (SmolLM2, Llama) or Qwen2/Qwen3 model, "
+        "full or LoRA (merged), becomes one GGUF file for llama.cpp and Ollama, with its "
+        "tokenizer, chat template and lineage (base model, run, config hash).")
     s.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run folder (its latest checkpoint)")
-    s.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
-    s.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    s.add_argument("--out", required=True, metavar="DIR|FILE.gguf",
+                   help="the folder (or with --format gguf the file) to write")
+    s.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a Hugging Face folder (default); gguf: one GGUF file")
+    s.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="GGUF weight type (default f32); 1-D tensors stay f32")
+    s.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder, or replace an existing GGUF file")
     s.add_argument("--merge", action="store_true",
                    help="for a LoRA fine-tune: write the base with the LoRA updates merged in "
                    "(a whole model) instead of a PEFT adapter folder; a full fine-tune is "

@@ -164,3 +164,44 @@ def use_activation_checkpointing(adapter: Any, enabled: bool = True) -> None:
         return block(*args)
 
     adapter._block = checkpointed
+
+
+def store_frozen_in(adapter: Any, dtype: torch.dtype) -> int:
+    """Keep the frozen linear weights of the decoder blocks in `dtype`, once; returns how many.
+
+    Under bf16 autocast a float32 weight is cast again on every call (autocast caches only
+    weights that train), so a LoRA step would re-cast all 100 M frozen weights each time;
+    stored in bf16 they go straight to the matmul. The trained LoRA weights stay float32
+    (master weights), and so do the embedding (whose dtype the checkpoint records, and
+    which the chunked head casts per step) and the norms.
+    """
+    n = 0
+    for layer in adapter.model.model.layers:
+        for m in layer.modules():
+            if isinstance(m, nn.Linear) and not m.weight.requires_grad:
+                m.weight.data = m.weight.data.to(dtype)
+                n += m.weight.numel()
+    return n
+
+
+def speed_choices(adapter: Any, dtype: str, fused_loss: bool) -> list[str]:
+    """Set an imported model's step up for speed, and say what was chosen ([]: nothing to do).
+
+    Only imported models are touched: a from-scratch model trains as before, bit for bit.
+    """
+    if not getattr(adapter, "fuses_loss", False):
+        return []
+    chosen = [f"autocast {dtype}" if dtype != "float32" else "float32"]
+    if dtype == "bfloat16" and is_lora(adapter.meta):
+        n = store_frozen_in(adapter, torch.bfloat16)
+        chosen.append(f"{n / 1e6:.1f} M frozen weights stored in bf16 once (LoRA weights fp32)")
+        # PEFT casts a LoRA layer's input to its weights' fp32, which autocast casts straight
+        # back: the same numbers, two copies per layer; autocast alone does it once
+        for m in adapter.model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = False
+    if fused_loss:
+        chosen.append("chunked head + cross-entropy (no full logits)")
+    if is_lora(adapter.meta) and not adapter.lora.spec["dropout"]:
+        chosen.append("LoRA dropout 0: skipped (identity)")
+    return chosen

@@ -27,12 +27,16 @@ class HookPoint(nn.Module):
     name: str = ""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
-                or self._backward_pre_hooks or _nn_module._global_forward_hooks
-                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
-                or _nn_module._global_backward_pre_hooks):
-            return super().__call__(x)
-        return x
+        return super().__call__(x) if self.hooked else x
+
+    @property
+    def hooked(self) -> bool:
+        """Whether any hook (its own or a global one) would see this point."""
+        return bool(self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                    or self._backward_pre_hooks or _nn_module._global_forward_hooks
+                    or _nn_module._global_forward_pre_hooks
+                    or _nn_module._global_backward_hooks
+                    or _nn_module._global_backward_pre_hooks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x

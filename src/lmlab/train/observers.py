@@ -10,6 +10,7 @@ does not change.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from lmlab import records
 from lmlab.config import SCHEMA_VERSION, dump_yaml
+from lmlab.device import autocast
 from lmlab.errors import LmlabError
 from lmlab.eval.metrics import evaluate
 from lmlab.eval.sampling import generate
@@ -141,6 +143,7 @@ class Manifest(Observer):
             "code": records.code_version(), "libraries": records.library_versions(),
             "seed": cfg.run.seed, "device": str(s.device), "dtype": s.dtype,
             "world_size": s.dist.world_size, "pid": os.getpid(), "host": socket.gethostname(),
+            **({"speed": s.speed} if s.speed else {}),
         }
 
 
@@ -224,8 +227,10 @@ class Samples(Observer):
         if not (s.dist.is_main or s.dist.sharded):
             return
         tok = s.adapter.tokenizer
-        text = tok.decode(generate(s.adapter, tok.encode("\n"), 200, temperature=0.8,
-                                   top_k=40, seed=s.cfg.run.seed))
+        # an imported model samples under the run's autocast: its frozen weights may be bf16
+        with autocast(s.device, s.dtype) if s.speed else contextlib.nullcontext():
+            text = tok.decode(generate(s.adapter, tok.encode("\n"), 200, temperature=0.8,
+                                       top_k=40, seed=s.cfg.run.seed))
         if s.dist.is_main:
             with open(s.run_dir / "samples.txt", "a") as f:
                 f.write(f"--- step {s.step}\n{text}\n")

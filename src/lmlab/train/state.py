@@ -43,7 +43,7 @@ from lmlab.model.checkpoint import (
     prune_checkpoints,
 )
 from lmlab.model.finetune import check_resume as check_finetune_resume
-from lmlab.model.finetune import use_activation_checkpointing
+from lmlab.model.finetune import speed_choices, use_activation_checkpointing
 from lmlab.train import distributed
 from lmlab.train.distributed import DistInfo
 from lmlab.train.optim import build_optimizer, lr_multiplier
@@ -148,6 +148,8 @@ class RunState:
     skipped: int = 0  # updates skipped for a non-finite loss or gradient
     skips_in_row: int = 0
     out_of_time: bool = False
+    fused_loss: bool = False  # the model returns the loss itself (chunked head, no logits)
+    speed: list[str] = field(default_factory=list)  # what an imported model's step chose
 
     def clock(self) -> float:
         """Seconds of training loop so far, over every session of this run."""
@@ -198,6 +200,8 @@ def build(cfg: Config, checkpoint: Checkpoint | None = None,
     torch.manual_seed(cfg.run.seed)
     data = load_prepared(cfg.data.path)
     adapter = _adapter(cfg, data, checkpoint)
+    fused_loss = t.fused_loss and getattr(adapter, "fuses_loss", False)
+    speed = speed_choices(adapter, dtype, fused_loss)  # [] for a from-scratch model
     if not dist.sharded:  # FSDP moves each rank's shards to its device itself
         adapter.to(device)
     hooks = ExperimentHooks(cfg.hooks, adapter)
@@ -224,7 +228,7 @@ def build(cfg: Config, checkpoint: Checkpoint | None = None,
     telemetry = Telemetry(cfg.telemetry, adapter, dist, metrics, tb.histogram,
                           lambda: autocast(device, dtype))
     return RunState(**parts, **resumed, run_id=run_id, run_dir=run_dir, metrics=metrics, tb=tb,
-                    telemetry=telemetry)
+                    telemetry=telemetry, fused_loss=fused_loss, speed=speed)
 
 
 def _adapter(cfg: Config, data: PreparedData, checkpoint: Checkpoint | None) -> BaseAdapter:

@@ -60,8 +60,8 @@ def train_step(state: RunState, batches: Iterable[Batch], lr: float,
     for micro, (x, y) in enumerate(batches):
         with s.dist.no_sync(s.model, last=micro == last):
             with autocast(s.device, s.dtype):
-                logits = s.model(x)
-            loss = cross_entropy(logits, y)
+                out = s.model(x, targets=y) if s.fused_loss else s.model(x)
+            loss = out if s.fused_loss else cross_entropy(out, y)
             aux = s.hooks.aux_losses()
             total = loss + sum(aux.values()) if aux else loss
             value = loss.item()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import LmlabError
@@ -38,6 +39,7 @@ from lmlab.model.adapters.base import BaseAdapter
 from lmlab.model.attention import KVCache, add_attention_points, attend, on_heads
 from lmlab.model.catalog import model_dir, resolve, verify_weights
 from lmlab.model.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+from lmlab.model.losses import IGNORE_INDEX, linear_cross_entropy
 from lmlab.model.norms import NormPoints, hooked_norm
 from lmlab.model.points import HookPoint, collect_hook_points
 
@@ -264,8 +266,16 @@ class HFCausalLMAdapter(BaseAdapter):
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(len(self.model.model.layers), self.block_size)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids [B, T] -> float32 logits [B, T, vocab]; with a cache, continue at cache.pos."""
+    fuses_loss = True  # forward(idx, targets=y) returns the loss without full logits
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, T] -> float32 logits [B, T, vocab]; with a cache, continue at cache.pos.
+
+        With `targets` the mean next-token loss instead: through the chunked head and
+        cross-entropy (model/losses.py) unless something hooks hook_logits, which then sees
+        the full logits as always.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.block_size:
@@ -280,7 +290,12 @@ class HFCausalLMAdapter(BaseAdapter):
         if cache is not None:
             cache.pos += T
         x = self._norm(base.norm, pts.ln_final, x)
-        return pts.hook_logits(self.model.lm_head(x)).float()
+        if targets is not None and not pts.hook_logits.hooked:
+            return linear_cross_entropy(x, self.model.lm_head.weight, targets)
+        logits = pts.hook_logits(self.model.lm_head(x)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     # -- the parts a family may override (Gemma 3: rope, norm and block) ------------------
 
