@@ -34,15 +34,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lmlab.eval.sampling import generate
-    from lmlab.model import registry
+    from lmlab.model import catalog
     from lmlab.model.adapters import adapter_class
     from lmlab.model.importer import import_model
 
     root = Path(args.models_dir) if args.models_dir else Path(tempfile.mkdtemp()) / "models"
     name = "smollm2-135m-instruct"
-    if name not in registry.load_registry(root):
+    if name not in catalog.load_registry(root):
         import_model(str(gguf_path()), name=name, root=root)
-    entry = registry.resolve(name, root)
+    entry = catalog.resolve(name, root)
     for dtype in args.dtypes:
         dt = getattr(torch, dtype)
         lm = adapter_class("llama").from_registry(entry).to(dt).eval()

@@ -59,7 +59,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lmlab.data.prepare import prepare
-    from lmlab.model import registry
+    from lmlab.model import catalog
     from lmlab.model.adapters import adapter_class, load_adapter
     from lmlab.model.checkpoint import save_checkpoint
     from lmlab.model.export_gguf import OUTTYPES, export_gguf
@@ -68,14 +68,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     root = Path(args.models_dir) if args.models_dir else work / "models"
     name = "smollm2-135m-instruct"
-    if name not in registry.load_registry(root):
+    if name not in catalog.load_registry(root):
         import_model(str(gguf_path()), root=root)
-    tok = registry.load_tokenizer(name, root)
+    tok = catalog.load_tokenizer(name, root)
     prepare([args.corpus], work / "data", tokenizer=tok)
     val = np.fromfile(work / "data" / "val.bin", dtype=np.uint16)
     ckpt = args.checkpoint
     if ckpt is None:
-        adapter = adapter_class("llama").from_registry(registry.resolve(name, root))
+        adapter = adapter_class("llama").from_registry(catalog.resolve(name, root))
         ckpt = save_checkpoint(work / "run" / "ckpt_0000000.pt", adapter, step=0, config={})
     adapter = load_adapter(ckpt, models_root=root)[0].eval()
     ref, ref_logits = val_loss(adapter, val, args.windows)

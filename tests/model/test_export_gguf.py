@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class, load_adapter
 from lmlab.model.checkpoint import save_checkpoint
 from lmlab.model.export_gguf import export_gguf
@@ -35,7 +35,7 @@ def _checkpoint(root, tmp_path, kind: str, lora: bool = False):
         adapter = lora_adapter(root, name)
         randomise_lora(adapter)
     else:
-        adapter = adapter_class(kind).from_registry(registry.resolve(name, root))
+        adapter = adapter_class(kind).from_registry(catalog.resolve(name, root))
         with torch.no_grad():
             adapter.model.model.layers[0].mlp.down_proj.weight.add_(0.05)
     cfg = {"run": {"name": "ft"}, "data": {"path": "data/x", "block_size": 64}}
@@ -127,7 +127,7 @@ def test_lineage_and_import_model_round_trip(shared, tmp_path) -> None:
 
     e = import_model(str(out), name="back", root=shared)
     assert (e["architecture_type"], e["source"]) == ("qwen2", "gguf")
-    back = adapter_class("qwen2").from_registry(registry.resolve("back", shared)).eval()
+    back = adapter_class("qwen2").from_registry(catalog.resolve("back", shared)).eval()
     ids = torch.tensor([adapter.tokenizer.encode(PROMPT)])
     with torch.no_grad():
         torch.testing.assert_close(back(ids), adapter(ids), atol=1e-4, rtol=1e-4)
@@ -163,7 +163,7 @@ def test_a_family_gguf_export_does_not_write_is_refused(tmp_path, bpe_tokenizer_
     (tmp_path / "g").mkdir()
     folder = make_hf_folder(tmp_path / "g", "gemma3_text", bpe_tokenizer_dir, vocab_size=320)
     import_model(str(folder), name="g", root=models_root)
-    adapter = adapter_class("gemma3_text").from_registry(registry.resolve("g", models_root))
+    adapter = adapter_class("gemma3_text").from_registry(catalog.resolve("g", models_root))
     path = save_checkpoint(tmp_path / "ckpt_0000001.pt", adapter, step=1, config={})
     with pytest.raises(LmlabError, match="'gemma3_text'.*--format hf"):
         export_gguf(path, tmp_path / "g.gguf", root=models_root)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.adapters import adapter_class
 from lmlab.model.finetune import speed_choices
 from lmlab.model.importer import import_model
@@ -66,7 +66,7 @@ IDX = torch.tensor([[5, 9, 200, 17, 3, 250, 1, 77, 90], [4, 4, 4, 100, 101, 102,
 
 
 def test_adapter_loss_with_targets_equals_logits_then_cross_entropy(shared) -> None:
-    adapter = adapter_class("qwen2").from_registry(registry.resolve("tiny", shared))
+    adapter = adapter_class("qwen2").from_registry(catalog.resolve("tiny", shared))
     x, y = IDX[:, :-1], IDX[:, 1:].clone()
     y[0, :3] = IGNORE_INDEX
     fused = adapter(x, targets=y)
@@ -126,7 +126,7 @@ def test_bf16_lora_run_says_what_it_chose_and_its_checkpoint_loads_in_fp32(
     monkeypatch.setenv("LMLAB_MODELS_DIR", str(shared))
     (tmp_path / "play.txt").write_text(play_text(6_000))
     prepare([str(tmp_path / "play.txt")], tmp_path / "data",
-            tokenizer=registry.load_tokenizer("tiny", shared), val_fraction=0.2)
+            tokenizer=catalog.load_tokenizer("tiny", shared), val_fraction=0.2)
     cfg = from_dict({
         "run": {"name": "bf16", "seed": 3, "out_dir": str(tmp_path / "runs")},
         "data": {"path": str(tmp_path / "data"), "block_size": 32},

@@ -23,7 +23,7 @@ import torch
 
 from lmlab.config import config_hash
 from lmlab.errors import LmlabError
-from lmlab.model import registry
+from lmlab.model import catalog
 from lmlab.model.finetune import is_lora, merged_model
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -139,7 +139,7 @@ def _write_lineage(writer: Any, meta: dict[str, Any], ckpt: dict[str, Any],
     from lmlab.model.export import _lineage_names
 
     chain = _lineage_names(meta, root)
-    models = registry.load_registry(root) if chain else {}
+    models = catalog.load_registry(root) if chain else {}
     base = models.get(chain[-1], {}) if chain else {}
     base_name = chain[-1] if chain else "unknown"
     base_id = str(base.get("model_id") or meta.get("model_id") or base_name)
@@ -190,9 +190,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f32",
     arch = _arch(cfg.model_type)
     check_hf_config(cfg)
     name = adapter.meta.get("model_name")
-    entry = registry.load_registry(root).get(name or "", {})
-    if name and (registry.models_root(root) / name).is_dir():
-        adapter._tokenizer_folder = registry.models_root(root) / name
+    entry = catalog.load_registry(root).get(name or "", {})
+    if name and (catalog.models_root(root) / name).is_dir():
+        adapter._tokenizer_folder = catalog.models_root(root) / name
     tok = adapter.tokenizer
     lora = is_lora(adapter.meta)
     state = merged_model(adapter).state_dict()
