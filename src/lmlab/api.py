@@ -90,8 +90,6 @@ def train(config: ConfigLike = None, overrides: Overrides = None, *,
         verb = f"Resuming run {s.run_id} at step {s.step}" if resume else f"Run {s.run_id}"
         print(f"{verb}: {s.run_dir} ({s.adapter.num_params():,} parameters, "
               f"{s.device}, {s.dtype})", flush=True)
-        if s.speed:
-            print("fine-tuning step: " + "; ".join(s.speed), flush=True)
     run_dir = trainer.run()
     if s.dist.is_main:
         print(f"Run {run_dir.name} {read_manifest(run_dir)['status']}: {run_dir}", flush=True)

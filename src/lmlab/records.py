@@ -204,8 +204,8 @@ def _crc(body: str) -> str:
 def metrics_line(record: dict[str, Any]) -> str:
     """One metrics.jsonl line: the record's JSON with a CRC32 of that JSON as its last field.
 
-    A record read back keeps its `crc32` as its last key, so `json.dumps` of it
-    gives the very same line (a resume rewrites the log that way).
+    `read_metrics` returns records without it (a storage detail), and this line of
+    such a record is the very line it was read from (a resume rewrites the log that way).
     """
     body = json.dumps({k: v for k, v in record.items() if k != CRC})
     return f"{body[:-1]}{_CRC_TAIL}{_crc(body)}\"}}\n"
@@ -245,5 +245,6 @@ def metrics_problems(run_dir: Path, quiet: bool = True
 
 
 def read_metrics(run_dir: Path, quiet: bool = False) -> list[dict[str, Any]]:
-    """The usable records of `metrics.jsonl`; others are skipped, each with a warning."""
-    return metrics_problems(run_dir, quiet)[0]
+    """The usable records of `metrics.jsonl`, checksums checked and dropped; others are
+    skipped, each with a warning."""
+    return [{k: v for k, v in r.items() if k != CRC} for r in metrics_problems(run_dir, quiet)[0]]

@@ -69,5 +69,5 @@ def test_rules_under_ddp_equal_one_process_with_the_union_batch(tmp_path):
     # negative control: the same rules on rank 0's windows alone take another step
     assert _max_rel_diff(ckpt["model"], _params(_single(raw, ranks=1, max_steps=2)), init) > 1e-2
     kp = ckpt["hooks"][0]["backward.3.kolen_pollack"]
-    kp_single = single.hooks.state_dict()["backward.3.kolen_pollack"]
+    kp_single = single.state.hooks.state_dict()["backward.3.kolen_pollack"]
     assert all(torch.allclose(kp[k], kp_single[k], atol=1e-7) for k in kp)

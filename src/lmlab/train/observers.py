@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import os
 import socket
 import time
@@ -72,7 +71,7 @@ class RunFolder(Observer):
         path = s.metrics.path
         if path.exists():  # one consistent curve: drop records past the checkpoint
             kept = [r for r in records.read_metrics(s.run_dir) if r["step"] <= s.step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(path, "".join(records.metrics_line(r) for r in kept))
 
 
 class Manifest(Observer):
@@ -155,6 +154,8 @@ class Metrics(Observer):
         self.window_time, self.window_start = 0.0, s.step  # tokens/s counts step time only
 
     def on_open(self, s: RunState) -> None:
+        if self.progress and s.speed:  # what an imported model's step chose, said once
+            print("fine-tuning step: " + "; ".join(s.speed), flush=True)
         self.bar = Progress(s.cfg.train.max_steps, s.step, self.progress,
                             s.cfg.train.time_budget_s, s.clock)
 
