@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import describe
+from machine import describe, matmul_peak
 
 
 def gguf_path() -> Path:
@@ -84,24 +84,12 @@ def rss_mib() -> float:
 
 
 def make_step(model_fn, params, dtype: str):
-    from lmlab.device import autocast
+    """A step on `model_fn(x)`'s logits and cross-entropy, AdamW on the trained `params`."""
     from lmlab.eval.metrics import cross_entropy
 
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=False)
-    dev = torch.device("cpu")
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> float:
-        with autocast(dev, dtype):
-            logits = model_fn(x)
-        loss = cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
-
-    step.optimizer = opt
-    return step
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-5, weight_decay=0.0,
+                            fused=False)
+    return loss_step(lambda x, y: cross_entropy(model_fn(x).float(), y), opt, dtype)
 
 
 def state_mib(step) -> float:
@@ -271,18 +259,6 @@ def flops_per_token(entry: dict, context: int) -> dict[str, float]:
     return {"lora": 4 * n + 6 * lora_n + attn, "full": 6 * n + attn, "n": n}
 
 
-def matmul_peak_shape(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
-    """Best GFLOP/s of an (m x k) @ (k x n) matmul over ~`seconds`."""
-    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-    a @ b
-    best, end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def process_peak(runner: str, argv: list[str]) -> float:
     """A runner's whole-process peak RSS (weights, optimizer state, a step), in a fresh process."""
     out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", f"speed:{runner}"],
@@ -297,7 +273,7 @@ def speed_rows(entry: dict, steps: int, context: int, argv: list[str]) -> list[d
     print(f"FLOPs per token (batch 4 x {context}): LoRA {fl['lora'] / 1e9:.3f} G, full "
           f"{fl['full'] / 1e9:.3f} G ({fl['n'] / 1e6:.1f} M weights that multiply)")
     shape = (tokens, 576, 1536)
-    peaks = {dt: matmul_peak_shape(getattr(torch, dt), *shape) for dt in ("float32", "bfloat16")}
+    peaks = {dt: matmul_peak(getattr(torch, dt), shape, 2.0) for dt in ("float32", "bfloat16")}
     print(f"matmul peak on SmolLM2's shape {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}: "
           f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s "
           f"({load_str()})", flush=True)
