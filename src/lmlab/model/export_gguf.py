@@ -196,47 +196,17 @@ def export_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f32",
     tok = adapter.tokenizer
     lora = is_lora(adapter.meta)
     state = merged_model(adapter).state_dict()
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(out)
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
     try:
-        writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_freq_base(_rope_theta(cfg))
-        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_rope_dimension_count(head_dim)
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32,
-                              "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+        _write_hparams(writer, cfg, head_dim, outtype)
         _write_tokenizer(writer, tok, cfg.vocab_size, entry.get("source_path"))
         _write_lineage(writer, adapter.meta, ckpt, root)
         writer.add_bool("lmlab.lora_merged", lora)
-        for hf_name, w in state.items():
-            if tied and hf_name == "lm_head.weight":
-                continue
-            gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if gg_name is None:
-                raise LmlabError(f"GGUF export has no llama.cpp name for tensor {hf_name} of "
-                                 f"{type(adapter.model).__name__}; export `--format hf` instead.")
-            if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight",
-                                                                   "k_proj.weight")):
-                w = _llama_permute(w, n_head if "q_proj" in hf_name else n_kv)
-            data, qtype = _tensor_data(w, outtype)
-            writer.add_tensor(gg_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+        _write_tensors(writer, adapter, arch, state, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -246,3 +216,48 @@ def export_gguf(checkpoint: str | Path, out: str | Path, outtype: str = "f32",
         writer.close()
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _write_hparams(writer: Any, cfg: Any, head_dim: int, outtype: str) -> None:
+    """The model's shape and numerics, as llama.cpp's loader reads them."""
+    import gguf
+
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32,
+                          "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
+
+
+def _write_tensors(writer: Any, adapter: Any, arch: Any, state: dict[str, torch.Tensor],
+                   outtype: str) -> None:
+    """Every weight under its llama.cpp name (a tied head once, as the embedding)."""
+    import gguf
+
+    cfg = adapter.model.config
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    for hf_name, w in state.items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gg_name is None:
+            raise LmlabError(f"GGUF export has no llama.cpp name for tensor {hf_name} of "
+                             f"{type(adapter.model).__name__}; export `--format hf` instead.")
+        if arch == gguf.MODEL_ARCH.LLAMA and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads
+            w = _llama_permute(w, heads)
+        data, qtype = _tensor_data(w, outtype)
+        writer.add_tensor(gg_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
