@@ -177,9 +177,8 @@ def points_page() -> str:
 
 def hooks_page() -> str:
     from lmlab.hooks import registry
-    from lmlab.hooks.inventory import KIND_HELP
+    from lmlab.hooks.inventory import KIND_HELP  # importing it registers the built-ins
 
-    registry.load_builtins()
     out = ["# Built-in hooks", "",
            "Every built-in hook and learning rule by kind, with its parameters and defaults "
            "(generated from the hook registry; `lmlab hooks list` prints the same, with a "
