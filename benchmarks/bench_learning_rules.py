@@ -149,17 +149,17 @@ def mean_of(record: dict, prefix: str) -> float | None:
 
 def table(sweep_dir: Path, plots: Path | None) -> None:
     from lmlab.runs.aggregate import aggregate, format_aggregate
-    from lmlab.sweeps import store
+    from lmlab.sweeps import folder
     from lmlab.sweeps.report import _blocks
 
-    index = store.load(sweep_dir)
+    index = folder.load(sweep_dir)
     blocks, missing = _blocks(index)
     result = aggregate(blocks, index["baseline"], "final_val")
     for w in missing + result["warnings"]:
         print("warning:", w)
     rows = result["blocks"][""]
     groups = blocks[""]
-    print(f"\nSweep {index['sweep_id']}: {store.counts(index)}")
+    print(f"\nSweep {index['sweep_id']}: {folder.counts(index)}")
     print("| rule | n | whole-val loss (95% CI) | vs bp: diff nats (95% CI), p, Holm p | "
           "grad angle ° | B-W angle ° | s/step |")
     print("|---|---|---|---|---|---|---|")
