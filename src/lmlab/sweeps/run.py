@@ -201,6 +201,30 @@ def _queue(index: dict[str, Any], out: Callable[[str], None]) -> list[str]:
     return queue
 
 
+def _launch(d: Path, index: dict[str, Any], r: dict[str, Any], executor: Any, jobs: int,
+            out: Callable[[str], None]) -> None:
+    """Start run `r` (resuming from its checkpoint when it has one) and record the attempt."""
+    job = job_for(r, index)
+    r["status"], r["attempts"] = folder.RUNNING, r["attempts"] + 1
+    executor.start(r["key"], job)
+    folder.save(d, index)
+    out(f"{r['key']} started" + (" (resuming)" if job["resume"] else "") +
+        f" [{folder.status_line(index, jobs)}]")
+
+
+def _follow_claims(d: Path, index: dict[str, Any], by_key: dict[str, dict[str, Any]],
+                   started: dict[str, float], executor: Any) -> None:
+    """Record the run folder each running worker has claimed, once it has claimed one."""
+    changed = False
+    for key in started:
+        c = executor.claimed(key)
+        if c and by_key[key]["run_id"] != c["run_id"]:
+            by_key[key]["run_id"], by_key[key]["run_dir"] = c["run_id"], c["run_dir"]
+            changed = True
+    if changed:
+        folder.save(d, index)
+
+
 def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
            retries: int, out: Callable[[str], None], max_attempts: int | None
            ) -> dict[str, Any]:
@@ -246,25 +270,12 @@ def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
         while queue or started:
             while queue and len(started) < jobs:
                 key = queue.pop(0)
-                r = by_key[key]
-                job = job_for(r, index)
                 tries[key] = tries.get(key, 0) + 1
-                r["status"], r["attempts"] = folder.RUNNING, r["attempts"] + 1
                 started[key] = time.monotonic()
-                executor.start(key, job)
-                folder.save(d, index)
-                out(f"{key} started" + (" (resuming)" if job["resume"] else "") +
-                    f" [{folder.status_line(index, jobs)}]")
+                _launch(d, index, by_key[key], executor, jobs, out)
             for o in executor.poll(1.0):
                 finish(o)
-            changed = False
-            for key in started:
-                c = executor.claimed(key)
-                if c and by_key[key]["run_id"] != c["run_id"]:
-                    by_key[key]["run_id"], by_key[key]["run_dir"] = c["run_id"], c["run_dir"]
-                    changed = True
-            if changed:
-                folder.save(d, index)
+            _follow_claims(d, index, by_key, started, executor)
     except KeyboardInterrupt:
         out(f"Interrupted: asking {len(started)} running run(s) to save a checkpoint and stop "
             "(Ctrl-C again to kill them)...")
