@@ -176,9 +176,11 @@ def smollm2_runners(entry: dict, names: list[str]) -> dict:
 
 SMOLLM2 = ["lmlab_lora", "lmlab_full", "peft_transformers"]
 # --speed: (runner, dtype); a full fine-tune's model and optimizer serve both of its dtypes
-SPEED = [("lmlab_lora", "bfloat16"), ("lmlab_lora", "float32"), ("lmlab_full", "bfloat16"),
-         ("lmlab_full", "float32"), ("plain_lora", "bfloat16"), ("plain_lora", "float32"),
-         ("plain_full", "bfloat16"), ("plain_full", "float32")]
+SPEED = [("lmlab_lora", "bfloat16"), ("lmlab_lora_compiled", "bfloat16"),
+         ("lmlab_lora", "float32"), ("lmlab_full", "bfloat16"),
+         ("lmlab_full_compiled", "bfloat16"), ("lmlab_full", "float32"),
+         ("plain_lora", "bfloat16"), ("plain_lora", "float32"), ("plain_full", "bfloat16"),
+         ("plain_full", "float32")]
 
 
 def loss_step(loss_fn, opt: torch.optim.Optimizer, dtype: str):
@@ -214,12 +216,12 @@ def speed_runners(entry: dict, wanted: list[tuple[str, str]]) -> dict:
     models: dict[str, tuple] = {}
     runners = {}
     for name, dtype in wanted:
-        if name not in models or name == "lmlab_lora":
+        if name not in models or name.startswith("lmlab_lora"):
             if name.startswith("lmlab"):
                 m = cls.from_registry(entry).train()
-                if name == "lmlab_lora":
+                if "lora" in name:
                     apply_lora(m, lora_spec(ft, entry["weights_sha256"]))
-                    speed_choices(m, dtype, True)
+                speed_choices(m, dtype, True, compile="compiled" in name)  # as the loop does
             else:
                 m = AutoModelForCausalLM.from_pretrained(entry["path"], dtype=torch.float32,
                                                          attn_implementation="sdpa").train()
@@ -259,6 +261,45 @@ def flops_per_token(entry: dict, context: int) -> dict[str, float]:
     return {"lora": 4 * n + 6 * lora_n + attn, "full": 6 * n + attn, "n": n}
 
 
+def kernel_floor(entry: dict, context: int, batch: int = 4) -> dict[str, float]:
+    """The LoRA step's unavoidable kernels alone, in bf16, each timed on its own (best of 5).
+
+    Per layer: each frozen linear forward (x W^T) and its input gradient (g W), and causal
+    SDPA forward + backward; once: the head forward and its input gradient. No LoRA, no
+    norms, no elementwise work, no optimizer: a step cannot be faster than their sum.
+    """
+    import torch.nn.functional as F
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(entry["path"])
+    d, f, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or d // H
+    n, bf = batch * context, torch.bfloat16
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    def linear(k: int, m: int) -> float:
+        x, w, g = (torch.randn(n, k).to(bf), torch.randn(m, k).to(bf), torch.randn(n, m).to(bf))
+        return best(lambda: x @ w.T) + best(lambda: g @ w)
+
+    layer_mm = (linear(d, H * hd) + 2 * linear(d, Hkv * hd) + linear(H * hd, d)
+                + 2 * linear(d, f) + linear(f, d))
+    q = torch.randn(batch, H, context, hd).to(bf).requires_grad_()
+    k, v = (torch.randn(batch, Hkv, context, hd).to(bf).requires_grad_() for _ in range(2))
+    g = torch.randn(batch, H, context, hd).to(bf)
+    attn = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       enable_gqa=True).backward(g))
+    return {"matmul_s": L * layer_mm + linear(d, V), "attention_s": L * attn}
+
+
 def process_peak(runner: str, argv: list[str]) -> float:
     """A runner's whole-process peak RSS (weights, optimizer state, a step), in a fresh process."""
     out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", f"speed:{runner}"],
@@ -277,8 +318,20 @@ def speed_rows(entry: dict, steps: int, context: int, argv: list[str]) -> list[d
     print(f"matmul peak on SmolLM2's shape {shape[0]}x{shape[1]} @ {shape[1]}x{shape[2]}: "
           f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s "
           f"({load_str()})", flush=True)
+    floor = kernel_floor(entry, context)
+    floor_s = floor["matmul_s"] + floor["attention_s"]
+    floor_fraction = fl["lora"] * tokens / floor_s / 1e9 / peaks["bfloat16"]
+    print(f"kernel floor of a bf16 LoRA step (its frozen matmuls and SDPA alone, each timed on "
+          f"its own): matmuls {floor['matmul_s'] * 1e3:.0f} ms + attention "
+          f"{floor['attention_s'] * 1e3:.0f} ms = {floor_s * 1e3:.0f} ms, i.e. at most "
+          f"{tokens / floor_s:.0f} tok/s = {floor_fraction:.0%}"
+          f" of the bf16 peak; 70% of the peak needs a "
+          f"{fl['lora'] * tokens / (0.7 * peaks['bfloat16'] * 1e9) * 1e3:.0f} ms step "
+          f"({load_str()})", flush=True)
     runners = speed_runners(entry, SPEED)
     losses = {k: r(x, y) for k, r in runners.items()}  # warm-up, and the first-step losses
+    for r in runners.values():  # a second warm-up: AdamW's state and the heap settle
+        r(x, y)
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(steps):
         for k, r in runners.items():
@@ -298,18 +351,26 @@ def speed_rows(entry: dict, steps: int, context: int, argv: list[str]) -> list[d
                "peak_fraction": gflops / peaks[dtype], "first_loss": losses[k],
                "peak_mib": process_peak(k, argv)}
         rows.append(row)
-        print(f"  {name:>11} {dtype:>8}: {row['tok_s']:6.1f} tok/s, {gflops:5.0f} GFLOP/s = "
+        print(f"  {name:>19} {dtype:>8}: {row['tok_s']:6.1f} tok/s, {gflops:5.0f} GFLOP/s = "
               f"{row['peak_fraction']:5.1%} of {dtype} peak, peak memory "
               f"{row['peak_mib']:5.0f} MiB, first-step loss {row['first_loss']:.4f}", flush=True)
     by = {(r["runner"], r["dtype"]): r for r in rows}
-    best = {kind: max(by[(f"plain_{kind}", d)]["tok_s"] for d in ("float32", "bfloat16"))
-            for kind in ("lora", "full")}
-    lora = max(by[("lmlab_lora", d)]["tok_s"] for d in ("float32", "bfloat16"))
-    full = max(by[("lmlab_full", d)]["tok_s"] for d in ("float32", "bfloat16"))
+    plain = {kind: max(by[(f"plain_{kind}", d)]["tok_s"] for d in ("float32", "bfloat16"))
+             for kind in ("lora", "full")}
+
+    def best(prefix: str) -> dict:
+        return max((r for r in rows if r["runner"].startswith(prefix)), key=lambda r: r["tok_s"])
+
+    lora, full = best("lmlab_lora"), best("lmlab_full")
+    lora_e = max(by[("lmlab_lora", d)]["tok_s"] for d in ("float32", "bfloat16"))
+    full_e = max(by[("lmlab_full", d)]["tok_s"] for d in ("float32", "bfloat16"))
     lb, fb = by[("lmlab_lora", "bfloat16")], by[("lmlab_full", "bfloat16")]
-    print(f"  lmlab LoRA / best plain LoRA loop: {lora / best['lora']:.2f}x (target >= 1.5); "
-          f"lmlab full / best plain full loop: {full / best['full']:.2f}x (target >= 1.3)")
-    print(f"  LoRA bf16: {lb['peak_fraction']:.1%} of the bf16 peak (target >= 70%); LoRA peak "
+    print(f"  lmlab LoRA / best plain LoRA loop: {lora['tok_s'] / plain['lora']:.2f}x "
+          f"({lora['runner']}; eager {lora_e / plain['lora']:.2f}x) (target >= 1.5); lmlab full / "
+          f"best plain full loop: {full['tok_s'] / plain['full']:.2f}x ({full['runner']}; eager "
+          f"{full_e / plain['full']:.2f}x) (target >= 1.3)")
+    print(f"  LoRA bf16: {lora['peak_fraction']:.1%} of the bf16 peak ({lora['runner']}; target "
+          f">= 70%); LoRA peak "
           f"memory / full's (bf16): {lb['peak_mib'] / fb['peak_mib']:.2f} (target <= 0.6); "
           f"bf16 - fp32 first-step loss (LoRA): "
           f"{lb['first_loss'] - by[('lmlab_lora', 'float32')]['first_loss']:+.4f} "

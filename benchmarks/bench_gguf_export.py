@@ -44,6 +44,28 @@ def val_loss(forward, tokens: np.ndarray, windows: int = 40) -> tuple[float, tor
     return total / count, first
 
 
+NAME = "smollm2-135m-instruct"
+
+
+def smollm2_checkpoint(work: Path, models_dir: str | None, checkpoint: str | None
+                       ) -> tuple[Path, str, torch.nn.Module]:
+    """The registry (SmolLM2 imported into it if missing), the checkpoint to export (default:
+    the imported model itself, saved as step 0 under `work`) and its model, in eval mode."""
+    from lmlab.model import catalog
+    from lmlab.model.adapters import adapter_class, load_adapter
+    from lmlab.model.checkpoint import save_checkpoint
+    from lmlab.model.importer import import_model
+
+    root = Path(models_dir) if models_dir else work / "models"
+    if NAME not in catalog.load_registry(root):
+        import_model(str(gguf_path()), root=root)
+    if checkpoint is None:
+        adapter = adapter_class("llama").from_registry(catalog.resolve(NAME, root))
+        checkpoint = save_checkpoint(work / "run" / "ckpt_0000000.pt", adapter, step=0,
+                                     config={})
+    return root, str(checkpoint), load_adapter(checkpoint, models_root=root)[0].eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="a fine-tune's checkpoint or run folder (default: the "
@@ -60,24 +82,13 @@ def main() -> None:
 
     from lmlab.data.prepare import prepare
     from lmlab.model import catalog
-    from lmlab.model.adapters import adapter_class, load_adapter
-    from lmlab.model.checkpoint import save_checkpoint
     from lmlab.model.export_gguf import OUTTYPES, export_gguf
-    from lmlab.model.importer import import_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
-    root = Path(args.models_dir) if args.models_dir else work / "models"
-    name = "smollm2-135m-instruct"
-    if name not in catalog.load_registry(root):
-        import_model(str(gguf_path()), root=root)
-    tok = catalog.load_tokenizer(name, root)
+    root, ckpt, adapter = smollm2_checkpoint(work, args.models_dir, args.checkpoint)
+    tok = catalog.load_tokenizer(NAME, root)
     prepare([args.corpus], work / "data", tokenizer=tok)
     val = np.fromfile(work / "data" / "val.bin", dtype=np.uint16)
-    ckpt = args.checkpoint
-    if ckpt is None:
-        adapter = adapter_class("llama").from_registry(catalog.resolve(name, root))
-        ckpt = save_checkpoint(work / "run" / "ckpt_0000000.pt", adapter, step=0, config={})
-    adapter = load_adapter(ckpt, models_root=root)[0].eval()
     ref, ref_logits = val_loss(adapter, val, args.windows)
     print(f"checkpoint: {ckpt} | subset: {args.windows} windows x 256 tokens of "
           "tinyshakespeare's val split")

@@ -115,7 +115,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or shard (FSDP2)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
-    compile: bool = False
+    compile: bool = False  # torch.compile: the whole model; an imported one per decoder block
     threads: int | None = None
     # a non-finite loss or gradient: stop, or skip that update (stopping after this many in a row)
     on_nonfinite: Literal["stop", "skip"] = "stop"

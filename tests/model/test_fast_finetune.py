@@ -35,6 +35,18 @@ def test_chunked_loss_and_grads_equal_the_plain_ones(chunk) -> None:
     torch.testing.assert_close(gw, rw, atol=1e-6, rtol=1e-5)
 
 
+def test_chunked_loss_without_grad_is_the_same_loss_and_keeps_no_gradients() -> None:
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(30, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (30,), generator=g)
+    t[4] = IGNORE_INDEX
+    with torch.no_grad():
+        ours = linear_cross_entropy(h, w, t, chunk=7)
+    assert ours.grad_fn is None
+    torch.testing.assert_close(ours, _plain(h, w, t).detach(), atol=1e-6, rtol=1e-6)
+
+
 def test_chunked_loss_under_bf16_autocast_is_plain_bf16_and_frozen_head_gets_no_grad() -> None:
     g = torch.Generator().manual_seed(1)
     h = torch.randn(4, 8, 32, generator=g, requires_grad=True)
@@ -92,7 +104,10 @@ def test_bf16_lora_stores_frozen_weights_once_and_trains_fp32_masters(shared) ->
     with torch.autocast("cpu", dtype=torch.bfloat16):
         before = adapter(x, targets=y).item()
     chosen = speed_choices(adapter, "bfloat16", True)
-    assert "frozen weights stored in bf16" in chosen[1] and "chunked head" in chosen[2]
+    said = " | ".join(chosen)
+    for what in ("frozen weights stored in bf16", "chunked head", "one fused step each",
+                 "kept for reuse"):
+        assert what in said
     layer = adapter.model.model.layers[0]
     assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert layer.self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
@@ -145,3 +160,43 @@ def test_bf16_lora_run_says_what_it_chose_and_its_checkpoint_loads_in_fp32(
     adapter, _ = load_adapter(run, models_root=shared)  # rebuilt on the fp32 base
     layer = adapter.model.model.layers[0]
     assert layer.self_attn.q_proj.base_layer.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones_and_sampling_stays_eager(shared) -> None:
+    from .test_lora import lora_adapter, randomise_lora
+
+    eager, compiled = lora_adapter(shared, "tiny").train(), lora_adapter(shared, "tiny").train()
+    randomise_lora(eager)
+    compiled.load_state_dict(eager.state_dict())
+    speed_choices(eager, "float32", True)
+    chosen = speed_choices(compiled, "float32", True, compile=True)
+    assert any("torch.compile per decoder block" in c for c in chosen)
+    x, y = IDX[:, :-1], IDX[:, 1:]
+    losses = []
+    for model in (eager, compiled):
+        loss = model(x, targets=y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for (n, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=n)
+    from torch._dynamo.utils import counters
+
+    frames = counters["stats"]["unique_graphs"]
+    eager.eval()
+    compiled.eval()
+    with torch.no_grad():  # evaluation and a KV-cache continuation run the eager blocks
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+        cache = compiled.new_cache(2)
+        compiled(x[:, :4], cache=cache)
+        compiled(x[:, 4:5], cache=cache)
+    compiled.train()
+    seen = []
+    handle = compiled.points.blocks[0].mlp.hook_post.register_forward_hook(
+        lambda m, i, o: seen.append(o.shape))
+    compiled(x, targets=y).backward()  # a hooked block runs eagerly: the hook fires
+    handle.remove()
+    assert len(seen) == 1 and seen[0][:2] == (2, 8)
+    assert counters["stats"]["unique_graphs"] == frames  # nothing compiled for any of them

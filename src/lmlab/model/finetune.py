@@ -25,8 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmlab.config import FinetuneConfig
+from lmlab.device import reuse_freed_memory
 from lmlab.errors import LmlabError
 from lmlab.model import catalog
+from lmlab.model.lora_linear import use_fused_lora
 
 LORA = "lora"
 
@@ -184,7 +186,34 @@ def store_frozen_in(adapter: Any, dtype: torch.dtype) -> int:
     return n
 
 
-def speed_choices(adapter: Any, dtype: str, fused_loss: bool) -> list[str]:
+def compile_blocks(adapter: Any) -> None:
+    """Train each decoder block through `torch.compile` (inductor fuses its elementwise work).
+
+    Only the plain training step's blocks are compiled (grad on, no KV cache, no hook on
+    the block's points): evaluation, sampling and a step that hooks the block (telemetry,
+    an experiment) run the eager block, so a growing cache or a hook coming and going
+    never triggers recompilation, and hooks always see the eager computation.
+    """
+    from lmlab.model.points import HookPoint
+
+    block = adapter._block
+    compiled = torch.compile(block, dynamic=False)
+    points: dict[int, list[HookPoint]] = {}
+
+    def run(layer: nn.Module, p: nn.Module, x: torch.Tensor, rope: tuple, cache: Any,
+            i: int) -> torch.Tensor:
+        if id(p) not in points:
+            points[id(p)] = [m for m in p.modules() if isinstance(m, HookPoint)]
+        if (adapter.training and torch.is_grad_enabled() and cache is None
+                and not any(h.hooked for h in points[id(p)])):
+            return compiled(layer, p, x, rope, cache, i)
+        return block(layer, p, x, rope, cache, i)
+
+    adapter._block = run
+
+
+def speed_choices(adapter: Any, dtype: str, fused_loss: bool, compile: bool = False
+                  ) -> list[str]:
     """Set an imported model's step up for speed, and say what was chosen ([]: nothing to do).
 
     Only imported models are touched: a from-scratch model trains as before, bit for bit.
@@ -203,5 +232,11 @@ def speed_choices(adapter: Any, dtype: str, fused_loss: bool) -> list[str]:
     if fused_loss:
         chosen.append("chunked head + cross-entropy (no full logits)")
     if is_lora(adapter.meta) and not adapter.lora.spec["dropout"]:
-        chosen.append("LoRA dropout 0: skipped (identity)")
+        n = use_fused_lora(adapter.model)
+        chosen.append(f"LoRA dropout 0: {n} LoRA layers as one fused step each")
+    if reuse_freed_memory():
+        chosen.append("freed blocks up to 32 MB kept for reuse (glibc malloc)")
+    if compile:
+        compile_blocks(adapter)
+        chosen.append("torch.compile per decoder block (training steps)")
     return chosen

@@ -3,11 +3,12 @@
 An imported model's head is large (SmolLM2: 576 -> 49,152). The plain path keeps the
 [tokens, vocab] logits, their float32 copy, the softmax and its gradient: at batch 4 x 256
 that is ~0.8 GB for one matmul's worth of work. Here the rows go through the head a chunk
-at a time, keeping only each row's logsumexp (one float per token); backward recomputes a
-chunk's logits and turns them straight into the gradients of the hidden states and (when
-it trains) of the head. The matmuls run in the dtype they are given (bf16 under autocast),
-the softmax and the loss in float32, so the result equals `F.cross_entropy(h @ W.T)` to
-rounding.
+at a time, and each chunk's gradients (of the hidden states and, when it trains, of the
+head) are made in the same pass as its loss, while its logits are at hand: the logits are
+computed once, never recomputed in backward, and backward only scales what forward kept
+(the approach of Liger-Kernel's fused linear cross-entropy). The matmuls run in the dtype
+they are given (bf16 under autocast), the log-softmax and the loss in float32, so the
+result equals `F.cross_entropy(h @ W.T)` to rounding.
 """
 
 from __future__ import annotations
@@ -15,42 +16,56 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # = lmlab.data.sequences.IGNORE_INDEX (the model layer may not import data)
-CHUNK_ROWS = 1024
+CHUNK_ROWS = 128
+
+
+def _chunk(hc: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, grads: bool
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's summed loss and, with `grads`, its gradient wrt the logits in h's dtype."""
+    logp = torch.log_softmax(hc @ weight.T, dim=-1, dtype=torch.float32)
+    valid = t != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)
+    picked = logp[rows, t[rows]]
+    if not grads:
+        return -picked.sum(), None
+    g = torch.exp(logp, out=torch.empty(logp.shape, dtype=hc.dtype, device=hc.device))
+    g[rows, t[rows]] = (picked.exp() - 1.0).to(g.dtype)  # softmax - one-hot, in float32
+    if rows.numel() != t.numel():
+        g[~valid] = 0
+    return -picked.sum(), g
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+                chunk: int, scale: float) -> torch.Tensor:
+        need_h, need_w = ctx.needs_input_grad[:2]
+        w = weight.to(h.dtype)  # the head once in the matmuls' dtype; its gradient stays fp32
+        gh = torch.empty_like(h) if need_h else None
+        # a trained head's gradient is one matmul over every chunk's logit gradients (kept in
+        # h's dtype, half the plain path's fp32 logits), not one fp32 [vocab, d] sum per chunk
+        gz = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device) \
+            if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], chunk):
-            z = (h[s:s + chunk] @ weight.T).float()
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            t = targets[s:s + chunk]
-            picked = z.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse[s:s + chunk] - picked) * (t != IGNORE_INDEX)).sum()
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk = chunk
-        return total
+            loss, g = _chunk(h[s:s + chunk], w, targets[s:s + chunk], need_h or need_w)
+            total += loss
+            if need_h:
+                torch.mm(g, w, out=gh[s:s + chunk])
+            if need_w:
+                gz[s:s + chunk] = g
+        gw = (gz.T @ h).float() if need_w else None
+        ctx.save_for_backward(gh, gw)
+        ctx.scale, ctx.weight_dtype = scale, weight.dtype
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        h, weight, targets, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[:2]
-        gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        for s in range(0, h.shape[0], ctx.chunk):
-            hc, t = h[s:s + ctx.chunk], targets[s:s + ctx.chunk]
-            p = torch.exp((hc @ weight.T).float() - lse[s:s + ctx.chunk].unsqueeze(1))
-            valid = t != IGNORE_INDEX
-            p[valid, t[valid]] -= 1.0  # softmax - one-hot
-            p = (p * (valid.unsqueeze(1) * grad)).to(h.dtype)
-            if need_h:
-                gh[s:s + ctx.chunk] = p @ weight
-            if need_w:
-                gw += (p.T @ hc).float()
-        return gh, (gw.to(weight.dtype) if need_w else None), None, None
+        gh, gw = ctx.saved_tensors
+        s = grad.float() * ctx.scale
+        gh = None if gh is None else (gh.float() * s).to(gh.dtype)
+        gw = None if gw is None else (gw * s).to(ctx.weight_dtype)
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -58,15 +73,17 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """Mean next-token loss of `h @ weight.T` against `targets` (IGNORE_INDEX skipped).
 
     h [..., d], weight [vocab, d], targets [...]. Under autocast the matmuls run in its dtype
-    (the inputs are cast once, here, so backward needs no autocast); else in h's dtype.
+    (h and the head are cast once, here); else in h's dtype. The gradients are made in this
+    call when autograd will want them, so backward costs nothing more.
     """
     h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     dev = h.device.type
     if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        h, weight = h.to(dt), weight.to(dt)
-    elif weight.dtype != h.dtype:
-        weight = weight.to(h.dtype)
+        h = h.to(torch.get_autocast_dtype(dev))
+    scale = 1.0 / max(int((targets != IGNORE_INDEX).sum()), 1)
     with torch.autocast(dev, enabled=False):
-        total = _LinearCrossEntropy.apply(h, weight, targets, chunk)
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h, weight, targets, chunk, scale)
+        w = weight.to(h.dtype)  # evaluation: the losses only
+        return sum(_chunk(h[s:s + chunk], w, targets[s:s + chunk], False)[0]
+                   for s in range(0, h.shape[0], chunk)) * scale

@@ -201,12 +201,12 @@ def build(cfg: Config, checkpoint: Checkpoint | None = None,
     data = load_prepared(cfg.data.path)
     adapter = _adapter(cfg, data, checkpoint)
     fused_loss = t.fused_loss and getattr(adapter, "fuses_loss", False)
-    speed = speed_choices(adapter, dtype, fused_loss)  # [] for a from-scratch model
+    speed = speed_choices(adapter, dtype, fused_loss, t.compile)  # [] for a from-scratch model
     if not dist.sharded:  # FSDP moves each rank's shards to its device itself
         adapter.to(device)
     hooks = ExperimentHooks(cfg.hooks, adapter)
     model = dist.wrap(adapter)
-    if t.compile:
+    if t.compile and not speed:  # an imported model compiles per block (speed_choices)
         model = torch.compile(model)
     optimizer = build_optimizer(adapter, t, device)
     batcher = RandomBatcher(data.train, cfg.data.block_size, t.batch_size, device, cfg.run.seed,
