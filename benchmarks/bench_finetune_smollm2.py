@@ -229,8 +229,10 @@ def speed_runners(entry: dict, wanted: list[tuple[str, str]]) -> dict:
                     m = get_peft_model(m, LoraConfig(
                         r=ft.r, lora_alpha=ft.alpha, lora_dropout=ft.dropout,
                         target_modules=ft.target_modules, task_type="CAUSAL_LM")).train()
+            # lmlab's loop builds fused AdamW on CPU (train/optim.py); a plain loop gets
+            # torch's default
             opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5,
-                                    weight_decay=0.0, fused=False)
+                                    weight_decay=0.0, fused=name.startswith("lmlab") or None)
             models[name] = (m, opt)
         m, opt = models[name]
         if name.startswith("lmlab"):

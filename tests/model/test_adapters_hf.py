@@ -273,3 +273,16 @@ def test_generation_with_cache_equals_without(imported) -> None:
     # after a window restart the cached sampler re-reads half a window, the uncached one a
     # full window, so they agree exactly up to the first restart (8 - 3 = 5 new tokens)
     assert with_cache[:6] == without[:6]
+
+
+def test_a_checkpoint_loaded_with_a_models_root_finds_its_tokenizer_there(
+        hf_folder_factory, models_root, tmp_path, monkeypatch) -> None:
+    from lmlab.model.adapters import load_adapter
+    from lmlab.model.checkpoint import save_checkpoint
+
+    import_model(str(hf_folder_factory("qwen2")), name="tok", root=models_root)
+    adapter = load("tok", models_root)
+    ckpt = save_checkpoint(tmp_path / "run" / "ckpt_0000001.pt", adapter, step=1, config={})
+    monkeypatch.setenv("LMLAB_MODELS_DIR", str(tmp_path / "elsewhere"))  # not the default
+    loaded, _ = load_adapter(ckpt, models_root=models_root)
+    assert loaded.tokenizer.encode("Hello") == adapter.tokenizer.encode("Hello")

@@ -58,7 +58,10 @@ def adapter_from_checkpoint(ckpt: dict[str, Any], models_root: str | Path | None
     cls = adapter_class(meta["architecture_type"])
     if is_lora(meta):
         return lora_adapter_from_checkpoint(cls, ckpt, models_root)
-    return cls.from_checkpoint(ckpt)
+    adapter = cls.from_checkpoint(ckpt)
+    if models_root is not None and hasattr(adapter, "models_root"):
+        adapter.models_root = Path(models_root)  # where its tokenizer is looked up, lazily
+    return adapter
 
 
 def load_adapter(path: str | Path, device: str | torch.device = "cpu",

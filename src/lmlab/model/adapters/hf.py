@@ -131,6 +131,7 @@ class HFCausalLMAdapter(BaseAdapter):
         self.points = HookTree(cfg.num_hidden_layers, self.block_norms, qk_norm)
         self._tokenizer: HFTokenizer | None = None
         self._tokenizer_folder: Path | None = None
+        self.models_root: Path | None = None  # the registry its tokenizer is looked up in
 
     # -- construction ------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class HFCausalLMAdapter(BaseAdapter):
                 if not name:
                     raise LmlabError("This model records no model_name, so lmlab cannot find "
                                      "its tokenizer in the registry.")
-                folder = resolve(name)["path"]
+                folder = resolve(name, self.models_root)["path"]
             self._tokenizer = load_hf_tokenizer(folder, name)
         return self._tokenizer
 
