@@ -74,3 +74,7 @@ def test_a_hooked_linear_or_dropout_goes_through_peft(shared) -> None:  # noqa: 
     q.lora_dropout["default"].register_forward_hook(lambda m, i, o: calls.append(1))
     adapter(IDX[:, :-1])
     assert calls == [1]
+    q.lora_dropout["default"] = torch.nn.Identity()
+    q.base_layer.weight.requires_grad_(True)  # a trained base weight needs PEFT's own path
+    adapter(IDX[:, :-1], targets=IDX[:, 1:]).backward()
+    assert q.base_layer.weight.grad is not None

@@ -8,7 +8,9 @@ the LoRA path's input gradient is accumulated into the base's the same way, so t
 are gone. The frozen weight and bias get no gradient; A and B get theirs in float32.
 
 Used only where it is the same computation as PEFT's: one active adapter, vanilla LoRA (no
-DoRA or other variant), dropout 0, not merged. `use_fused_lora` says which layers it took.
+DoRA or other variant), dropout 0, not merged, a frozen base and nothing hooking the layer's
+parts (a learning rule's forward hooks); otherwise PEFT's own forward runs.
+`use_fused_lora` says how many layers it routes.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ def _hooked(*modules: nn.Module) -> bool:
 
 def _plain(layer: Any, n: str) -> bool:
     """Whether PEFT's forward would compute exactly `lora_linear` for adapter `n` now."""
-    drop = layer.lora_dropout[n]
-    return (n not in layer.lora_variant and layer.lora_B[n].bias is None
+    drop, base = layer.lora_dropout[n], layer.base_layer
+    frozen = not any(p.requires_grad for p in base.parameters())  # its gradient is not made
+    return (frozen and n not in layer.lora_variant and layer.lora_B[n].bias is None
             and not (layer.training and isinstance(drop, nn.Dropout) and drop.p > 0)
             and not _hooked(layer.base_layer, layer.lora_A[n], layer.lora_B[n], drop))
 
