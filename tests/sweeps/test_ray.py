@@ -35,8 +35,9 @@ SRC = str(Path(sweep_run.__file__).resolve().parents[2])
 @pytest.fixture
 def ray_cluster(tmp_path):
     """(address, environment to join it): token authentication, as Ray clusters default to."""
-    if importlib.util.find_spec("ray") is None:  # the dev extra installs it
-        pytest.skip("Ray is not installed: pip install 'lmlab[ray]'")
+    assert importlib.util.find_spec("ray") is not None, (
+        "Ray is not installed: `make setup` installs it (the dev extra), or "
+        "pip install 'lmlab[ray]'")
     work = tmp_path / "ray-cwd"
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": SRC, "RAY_AUTH_MODE": "token",
