@@ -246,6 +246,82 @@ def _describe(model: Any, folder: Path) -> dict[str, Any]:
     }
 
 
+def _source_kind(source: str) -> tuple[str, Path]:
+    """'hub', 'folder' or 'gguf', and the source as a path, checked before anything is read."""
+    path = Path(source).expanduser()
+    if path.exists():
+        kind = "gguf" if path.is_file() and path.suffix.lower() == ".gguf" else "folder"
+        if path.is_file() and kind != "gguf":
+            raise LmlabError(
+                f"{path} is a file but not a .gguf file. import-model takes a hub id, a Hugging "
+                "Face model folder (with config.json), or a .gguf file."
+            )
+        return kind, path
+    if HUB_ID_RE.match(source) and not source.lower().endswith(".gguf"):
+        return "hub", path
+    raise LmlabError(
+        f"'{source}' is neither an existing folder or .gguf file nor a hub id like "
+        "Qwen/Qwen2.5-0.5B. Check the path or the id."
+    )
+
+
+def _hf_config(folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder's config.json, or one line on why it is not one."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise LmlabError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder. "
+            "Give the folder that holds config.json, the weights (*.safetensors) and the "
+            "tokenizer files."
+        )
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LmlabError(f"{cfg_file} is not valid JSON ({e}).") from None
+
+
+def _load_weights(model_cls: Any, folder: Path, source: str, gguf_file: str | None,
+                  trust_remote_code: bool) -> Any:
+    """The model from `folder` (safetensors, or a gguf dequantised to float32), loaded safely."""
+    import torch
+
+    load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:  # dequantised weights are exact in float32, not in bf16
+        load_kw |= {"gguf_file": gguf_file, "dtype": torch.float32}
+    else:
+        load_kw["dtype"] = "auto"
+    try:
+        model = model_cls.from_pretrained(str(folder), **load_kw)
+    except pickle.UnpicklingError:
+        raise LmlabError(
+            f"Refused the weights of {source}: a pickled weight file (pytorch_model.bin) "
+            "holds Python objects other than tensors, which could run code on loading. It "
+            "was not executed. Convert the model to safetensors where you trust it, or "
+            "use a safetensors copy."
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        raise LmlabError(
+            f"transformers could not load the weights of {source}: "
+            f"{str(e).splitlines()[0][:300]}"
+        ) from None
+    return _plain_copy(model, model_cls) if gguf_file else model
+
+
+def _load_tokenizer(folder: Path, source: str, gguf_file: str | None,
+                    trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file,
+                                             trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        raise LmlabError(
+            f"{source} has no usable tokenizer ({str(e).splitlines()[0][:200]}). lmlab "
+            "fine-tunes with the model's native tokenizer: add its tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) to the folder."
+        ) from None
+
+
 def import_model(source: str, name: str | None = None, root: str | Path | None = None,
                  trust_remote_code: bool = False, license: str | None = None
                  ) -> dict[str, Any]:
@@ -256,100 +332,35 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
     are read or downloaded.
     """
     root = catalog.models_root(root)
-    path = Path(source).expanduser()
-    if path.exists():
-        kind = "gguf" if path.is_file() and path.suffix.lower() == ".gguf" else "folder"
-        if path.is_file() and kind != "gguf":
-            raise LmlabError(
-                f"{path} is a file but not a .gguf file. import-model takes a hub id, a Hugging "
-                "Face model folder (with config.json), or a .gguf file."
-            )
-    elif HUB_ID_RE.match(source) and not source.lower().endswith(".gguf"):
-        kind = "hub"
-    else:
-        raise LmlabError(
-            f"'{source}' is neither an existing folder or .gguf file nor a hub id like "
-            "Qwen/Qwen2.5-0.5B. Check the path or the id."
-        )
+    kind, path = _source_kind(source)
     name = catalog.validate_name(name or derive_name(source))
     catalog.check_name_free(name, root)
 
-    model_id, revision = source, None
+    model_id, revision, gguf_file, gguf_meta, hf_cfg = source, None, None, {}, None
     if kind == "hub":
         folder, _ = fetch_from_hub(source)
         revision = folder.name
-        kind_source = "hub"
     elif kind == "folder":
         folder = path.resolve()
         model_id = str(folder)
-        kind_source = "folder"
     else:
-        folder = path.resolve().parent
-        model_id = path.name
-        kind_source = "gguf"
-
-    gguf_file = None
-    gguf_meta: dict[str, Any] = {}
-    if kind == "gguf":
-        gguf_file = path.name
+        folder, model_id, gguf_file = path.resolve().parent, path.name, path.name
         gguf_meta = _gguf_fields(path.resolve())
+    if kind == "gguf":
         model_type, architectures = gguf_meta.get("general.architecture"), None
-        what = f"{path}"
     else:
-        cfg_file = folder / "config.json"
-        if not cfg_file.is_file():
-            raise LmlabError(
-                f"{folder} has no config.json, so it is not a Hugging Face model folder. "
-                "Give the folder that holds config.json, the weights (*.safetensors) and the "
-                "tokenizer files."
-            )
-        try:
-            hf_cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{cfg_file} is not valid JSON ({e}).") from None
+        hf_cfg = _hf_config(folder)
         model_type, architectures = hf_cfg.get("model_type"), hf_cfg.get("architectures")
-        what = f"{source}"
-    adapter_cls = _supported_or_raise(model_type, what, architectures,
-                                      None if kind == "gguf" else hf_cfg)
-
-    import torch
-    from transformers import AutoTokenizer
+    adapter_cls = _supported_or_raise(model_type, str(path if kind == "gguf" else source),
+                                      architectures, hf_cfg)
 
     staged = _staging(root, name)
     try:
-        model_cls = adapter_cls.model_class(model_type)
-        load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if gguf_file:  # dequantised weights are exact in float32, not in bf16
-            load_kw |= {"gguf_file": gguf_file, "dtype": torch.float32}
-        else:
-            load_kw["dtype"] = "auto"
         if kind == "folder":
             catalog.check_sums(folder)  # an lmlab export records its weights' hashes
-        try:
-            model = model_cls.from_pretrained(str(folder), **load_kw)
-        except pickle.UnpicklingError:
-            raise LmlabError(
-                f"Refused the weights of {source}: a pickled weight file (pytorch_model.bin) "
-                "holds Python objects other than tensors, which could run code on loading. It "
-                "was not executed. Convert the model to safetensors where you trust it, or "
-                "use a safetensors copy."
-            ) from None
-        except (OSError, ValueError, RuntimeError, EOFError) as e:
-            raise LmlabError(
-                f"transformers could not load the weights of {source}: "
-                f"{str(e).splitlines()[0][:300]}"
-            ) from None
-        if gguf_file:
-            model = _plain_copy(model, model_cls)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file,
-                                                trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError) as e:
-            raise LmlabError(
-                f"{source} has no usable tokenizer ({str(e).splitlines()[0][:200]}). lmlab "
-                "fine-tunes with the model's native tokenizer: add its tokenizer files "
-                "(tokenizer.json, tokenizer_config.json) to the folder."
-            ) from None
+        model = _load_weights(adapter_cls.model_class(model_type), folder, source, gguf_file,
+                              trust_remote_code)
+        tok = _load_tokenizer(folder, source, gguf_file, trust_remote_code)
         model.save_pretrained(str(staged))
         tok.save_pretrained(str(staged))
         if kind != "gguf":
@@ -359,14 +370,8 @@ def import_model(source: str, name: str | None = None, root: str | Path | None =
         lic = (license or gguf_meta.get("general.license")
                or (_read_front_matter_license(folder) if kind != "gguf" else None)
                or "unknown")
-        entry = {
-            "model_name": name,
-            "model_id": model_id,
-            "source": kind_source,
-            "license": lic,
-            "fine_tuned_from": None,
-            **_describe(model, staged),
-        }
+        entry = {"model_name": name, "model_id": model_id, "source": kind, "license": lic,
+                 "fine_tuned_from": None, **_describe(model, staged)}
         if revision:
             entry["revision"] = revision
         if kind == "gguf":
