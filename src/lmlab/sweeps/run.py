@@ -225,6 +225,27 @@ def _follow_claims(d: Path, index: dict[str, Any], by_key: dict[str, dict[str, A
         folder.save(d, index)
 
 
+def _record(d: Path, index: dict[str, Any], r: dict[str, Any], o: Any, wall_s: float,
+            tries: int, stopping: bool, out: Callable[[str], None]) -> bool:
+    """Record run `r`'s outcome `o` in the index; True when it is to be retried."""
+    retry = False
+    r["run_id"], r["run_dir"] = o.run_id or r["run_id"], o.run_dir or r["run_dir"]
+    if o.rc == 0:
+        r["status"], r["wall_s"], r["reason"] = folder.FINISHED, round(wall_s, 2), None
+    elif o.rc == EXIT_INTERRUPTED or stopping:
+        r["status"], r["reason"] = folder.INTERRUPTED, None
+    else:
+        r["status"] = folder.FAILED
+        r["reason"] = folder.died_reason(o.rc) if o.rc < 0 else f"exit {o.rc}"
+        out(f"{o.key} failed ({r['reason']}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
+        if tries <= index["retries"] and r["attempts"] < index["max_attempts"]:
+            r["status"], retry = folder.PENDING, True
+            out(f"{o.key}: retry {tries} of {index['retries']}")
+    folder.save(d, index)
+    out(f"{o.key} {r['status']} [{folder.status_line(index, index['jobs'])}]")
+    return retry
+
+
 def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
            retries: int, out: Callable[[str], None], max_attempts: int | None
            ) -> dict[str, Any]:
@@ -247,24 +268,9 @@ def _drive(d: Path, jobs: int, threads: int, backend: str, address: str | None,
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
 
     def finish(o) -> None:
-        r = by_key[o.key]
-        started_at = started.pop(o.key)
-        r["run_id"], r["run_dir"] = o.run_id or r["run_id"], o.run_dir or r["run_dir"]
-        if o.rc == 0:
-            r["status"], r["wall_s"] = folder.FINISHED, round(time.monotonic() - started_at, 2)
-            r["reason"] = None
-        elif o.rc == EXIT_INTERRUPTED or stopping:
-            r["status"], r["reason"] = folder.INTERRUPTED, None
-        else:
-            r["status"] = folder.FAILED
-            r["reason"] = folder.died_reason(o.rc) if o.rc < 0 else f"exit {o.rc}"
-            out(f"{o.key} failed ({r['reason']}); its log ends:\n{o.log_tail.rstrip()[-800:]}")
-            if tries[o.key] <= retries and r["attempts"] < index["max_attempts"]:
-                r["status"] = folder.PENDING
-                queue.append(o.key)
-                out(f"{o.key}: retry {tries[o.key]} of {retries}")
-        folder.save(d, index)
-        out(f"{o.key} {r['status']} [{folder.status_line(index, jobs)}]")
+        wall_s = time.monotonic() - started.pop(o.key)
+        if _record(d, index, by_key[o.key], o, wall_s, tries[o.key], stopping, out):
+            queue.append(o.key)
 
     try:
         while queue or started:
