@@ -32,21 +32,8 @@ MIN_TOKENS = DataConfig.block_size + 1  # one training window of the default blo
 NATIVE_PIECE_CHARS = 1 << 16
 
 
-def prepare(
-    sources: list[str],
-    out: str | Path,
-    unknown: str = "replace",
-    val_fraction: float = 0.1,
-    tokenizer: Tokenizer | None = None,
-    replacement: str = "?",
-) -> dict[str, Any]:
-    """Build the corpus in `out` and return its meta.
-
-    Nothing is written until every check has passed, and each file lands by an
-    atomic rename, so a failed or interrupted prepare leaves an existing corpus
-    in `out` as it was.
-    """
-    check_policy(unknown, replacement)
+def _check_out(out: str | Path, val_fraction: float) -> Path:
+    """The output folder, once the split and the destination are known to be usable."""
     if not 0.0 < val_fraction < 1.0:
         raise LmlabError(
             f"val_fraction = {val_fraction} must lie strictly between 0 and 1 (like 0.1): "
@@ -55,6 +42,31 @@ def prepare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LmlabError(f"Output {out} exists and is not a folder. Choose another --out.")
+    return out
+
+
+def _check_sizes(train_ids: np.ndarray, val_ids: np.ndarray) -> None:
+    """Each split must hold at least one training window plus its next token."""
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        if ids.size < MIN_TOKENS:
+            raise LmlabError(
+                f"The {split} split has {ids.size} tokens, but training needs at least "
+                f"{MIN_TOKENS} (one window of block_size {MIN_TOKENS - 1} plus the next "
+                f"token). Give more text{' or a larger val_fraction' if split == 'val' else ''}."
+            )
+
+
+def prepare(sources: list[str], out: str | Path, unknown: str = "replace",
+            val_fraction: float = 0.1, tokenizer: Tokenizer | None = None,
+            replacement: str = "?") -> dict[str, Any]:
+    """Build the corpus in `out` and return its meta.
+
+    Nothing is written until every check has passed, and each file lands by an
+    atomic rename, so a failed or interrupted prepare leaves an existing corpus
+    in `out` as it was.
+    """
+    check_policy(unknown, replacement)
+    out = _check_out(out, val_fraction)
 
     docs = read_sources(sources)
     if tokenizer is None:
@@ -71,13 +83,7 @@ def prepare(
         # some tokenizers count added special tokens outside vocab_size; size for the real ids
         top_id = max(int(train_ids.max(initial=0)), int(val_ids.max(initial=0)))
         dtype = token_dtype(max(tok.vocab_size, top_id + 1))
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        if ids.size < MIN_TOKENS:
-            raise LmlabError(
-                f"The {split} split has {ids.size} tokens, but training needs at least "
-                f"{MIN_TOKENS} (one window of block_size {MIN_TOKENS - 1} plus the next "
-                f"token). Give more text{' or a larger val_fraction' if split == 'val' else ''}."
-            )
+    _check_sizes(train_ids, val_ids)
     train_ids, val_ids = train_ids.astype(dtype, copy=False), val_ids.astype(dtype, copy=False)
 
     with _Staging(out) as staging:
